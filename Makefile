@@ -1,0 +1,58 @@
+# medkernels developer and CI entry points.  Every target does its own set-up
+# from a fresh clone: `make test` and `make bench` need nothing else.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION := 2.14.1
+
+# Build settings; each can be overridden from the environment or the command line.
+CUDA_HOME ?= $(wildcard /usr/local/cuda)
+TORCH_CUDA_ARCH_LIST ?= 9.0
+MAX_JOBS ?= 2
+BENCH_ARGS ?=
+
+.PHONY: all venv build test bench clean
+
+all: test
+
+venv:
+	@if [ ! -x "$(PY)" ]; then \
+		echo "make: creating $(VENV)"; \
+		$(PYTHON3) -m venv "$(VENV)"; \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "make: installing torch==$(TORCH_VERSION)"; \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install --quiet -r requirements-dev.txt
+
+build: venv
+	@start=$$(date +%s); \
+	if [ -n "$(CUDA_HOME)" ]; then export CUDA_HOME="$(CUDA_HOME)"; fi; \
+	export TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS="$(MAX_JOBS)"; \
+	echo "make: building medkernels (CUDA_HOME=$${CUDA_HOME:-<none>} TORCH_CUDA_ARCH_LIST=$$TORCH_CUDA_ARCH_LIST MAX_JOBS=$$MAX_JOBS)"; \
+	$(PIP) install --no-build-isolation --no-deps -e .; \
+	echo "make: build took $$(( $$(date +%s) - start ))s"
+
+test: build
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "make: GPU found, running Triton kernels on it"; \
+	else \
+		echo "make: no GPU, running Triton kernels with TRITON_INTERPRET=1"; \
+		export TRITON_INTERPRET=1; \
+	fi; \
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m medkernels.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find medkernels -name '_C*.so' -delete
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

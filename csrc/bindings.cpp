@@ -1,0 +1,85 @@
+// Python bindings of medkernels._C.
+
+#include <string>
+
+#include <torch/extension.h>
+
+#include "ops.h"
+
+// Compile-time facts passed by setup.py; defaults keep a hand-made build working.
+#ifndef MEDKERNELS_CXX_FLAGS
+#define MEDKERNELS_CXX_FLAGS ""
+#endif
+#ifndef MEDKERNELS_CUDA_ARCH_LIST
+#define MEDKERNELS_CUDA_ARCH_LIST ""
+#endif
+#ifndef MEDKERNELS_TORCH_VERSION
+#define MEDKERNELS_TORCH_VERSION ""
+#endif
+
+namespace {
+
+// The kernels do not touch Python objects: let other Python threads run.
+using ReleaseGil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
+std::string compiler_description() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  return std::string("msvc ") + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef MEDKERNELS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = medkernels::cuda_runtime_version_at_build();
+  info["cuda_arch_list"] = std::string(MEDKERNELS_CUDA_ARCH_LIST);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = std::string();
+  info["cuda_arch_list"] = std::string();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = compiler_description();
+  info["cxx_flags"] = std::string(MEDKERNELS_CXX_FLAGS);
+  info["torch_version_at_build"] = std::string(MEDKERNELS_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "medkernels compiled kernels (C++ CPU kernels, and CUDA kernels when built with CUDA)";
+
+  m.def("cross_scan_cpu", &medkernels::cross_scan_cpu, pybind11::arg("x"), ReleaseGil(),
+        "cross_scan on CPU: contiguous x (B, C, H, W) -> y (B, 4, C, H*W) in MedMamba's four "
+        "scan orders (row-major, column-major and both reversed).");
+  m.def("cross_merge_cpu", &medkernels::cross_merge_cpu, pybind11::arg("y"), ReleaseGil(),
+        "cross_merge on CPU: contiguous y (B, 4, C, H, W) -> x (B, C, H*W), the sum over the "
+        "four scan directions mapped back to pixel order (the adjoint of cross_scan).");
+  m.def("cross_scan_indices", &medkernels::cross_scan_indices, pybind11::arg("H"),
+        pybind11::arg("W"),
+        "The cross-scan index tables for an H x W image, as int64 tensors (pixel, position) of "
+        "shape (4, H*W): pixel[k, i] is the pixel read at position i of direction k, "
+        "position[k, p] the position at which direction k visits pixel p (the formulas of "
+        "csrc/cross_scan.h that the CPU and CUDA kernels share).");
+#ifdef MEDKERNELS_WITH_CUDA
+  m.def("cross_scan_cuda", &medkernels::cross_scan_cuda, pybind11::arg("x"), ReleaseGil(),
+        "cross_scan on CUDA: contiguous x (B, C, H, W) -> y (B, 4, C, H*W).");
+  m.def("cross_merge_cuda", &medkernels::cross_merge_cuda, pybind11::arg("y"), ReleaseGil(),
+        "cross_merge on CUDA: contiguous y (B, 4, C, H, W) -> x (B, C, H*W).");
+#endif
+  m.def("build_info", &build_info,
+        "How this extension was built: a dict with keys cuda, cuda_version, cuda_arch_list, "
+        "openmp, compiler, cxx_flags and torch_version_at_build.");
+}

@@ -1,0 +1,6 @@
+"""medkernels.nn: drop-in modules with the official state_dict keys, running medkernels.ops."""
+from .depthwise import DepthwiseConv2d
+from .hifuse import GlobalBlock, HFFBlock, LocalBlock
+from .ss2d import SS2D, SSConvSSM
+
+__all__ = ["DepthwiseConv2d", "LocalBlock", "GlobalBlock", "HFFBlock", "SS2D", "SSConvSSM"]

@@ -1,0 +1,14 @@
+"""medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
+from .cross_scan import cross_merge, cross_scan
+from .depthwise_conv import depthwise_conv2d
+from .hff_attention import hff_channel_attention, hff_spatial_attention
+from .selective_scan import selective_scan
+
+__all__ = [
+    "selective_scan",
+    "cross_scan",
+    "cross_merge",
+    "depthwise_conv2d",
+    "hff_spatial_attention",
+    "hff_channel_attention",
+]

@@ -1,0 +1,59 @@
+"""Validation and autograd helpers shared by the ops."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name, ndim=None, dtypes=FLOAT_DTYPES, optional=False):
+    """Raise a TypeError/ValueError naming `name` unless `t` is a tensor of the expected rank and dtype."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        kinds = "complex" if t.is_complex() else ("integer/bool" if not t.is_floating_point() else str(t.dtype))
+        raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in dtypes]}, got {kinds} ({t.dtype})")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_shape(t, name, shape, contract):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {contract} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors):
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def vjp(fn, primals, cotangents):
+    """Gradients of the tensor primals of ``fn(*primals)`` against ``cotangents``.
+
+    The reference backends' backward: torch.func works inside a custom op's implementation, where
+    ordinary autograd recording is switched off. Non-tensor primals are held fixed; ``None`` cotangents
+    are zeros. Returns one gradient (or None) per primal.
+    """
+    slots = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor) and p.is_floating_point()]
+
+    def f(*tensors):
+        args = list(primals)
+        for i, t in zip(slots, tensors):
+            args[i] = t
+        return fn(*args)
+
+    out, pullback = torch.func.vjp(f, *[primals[i] for i in slots])
+    outs = out if isinstance(out, tuple) else (out,)
+    cots = cotangents if isinstance(cotangents, tuple) else (cotangents,)
+    cots = tuple(torch.zeros_like(o) if c is None else c.to(o.dtype) for o, c in zip(outs, cots))
+    grads = pullback(cots if isinstance(out, tuple) else cots[0])
+    result = [None] * len(primals)
+    for i, g in zip(slots, grads):
+        result[i] = g
+    return result

@@ -1,0 +1,25 @@
+"""Pure-PyTorch reference of MedMamba's four-direction cross-scan and its merge.
+
+Directions, for an (H, W) map flattened to L = H*W positions: 0 row-major, 1 column-major,
+2 reversed row-major, 3 reversed column-major.
+"""
+import torch
+
+
+def cross_scan_ref(x):
+    """x: (B, C, H, W) -> (B, 4, C, H*W), each direction in its scan order."""
+    b, c, h, w = x.shape
+    rows = x.reshape(b, c, h * w)
+    cols = x.transpose(2, 3).reshape(b, c, h * w)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+
+def cross_merge_ref(y):
+    """y: (B, 4, C, H, W), y[:, k] flattened in direction k's order -> (B, C, H*W) summed in row-major order."""
+    b, _, c, h, w = y.shape
+    flat = y.reshape(b, 4, c, h * w)
+
+    def from_columns(t):  # column-major positions back to row-major pixels
+        return t.reshape(b, c, w, h).transpose(2, 3).reshape(b, c, h * w)
+
+    return flat[:, 0] + from_columns(flat[:, 1]) + flat[:, 2].flip(-1) + from_columns(flat[:, 3].flip(-1))

@@ -1,0 +1,143 @@
+"""medkernels.ops.selective_scan: validation, backend dispatch, torch.library registration and autograd."""
+from typing import List, Optional
+
+import torch
+
+from .._backend import OpTable, resolve
+from ._common import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, vjp
+from .selective_scan_ref import selective_scan_ref
+
+MAX_STATE = 256
+
+
+class _RefImpl:
+    forward = staticmethod(selective_scan_ref)
+
+    @staticmethod
+    def backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        def fn(u, delta, A, B, C, D, z, delta_bias):
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+        return vjp(fn, (u, delta, A, B, C, D, z, delta_bias), (dout, dlast))
+
+
+SELECTIVE_SCAN = OpTable("selective_scan", ref=_RefImpl)
+
+
+@torch.library.custom_op("medkernels::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> List[torch.Tensor]:
+    out, last_state = SELECTIVE_SCAN.impl(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return [out, last_state]
+
+
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    sdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return [torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=sdt)]
+
+
+@torch.library.custom_op("medkernels::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    dout: torch.Tensor,
+    dlast_state: Optional[torch.Tensor],
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> List[torch.Tensor]:
+    grads = SELECTIVE_SCAN.impl(backend).backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    # absent optional inputs get an empty placeholder: custom ops cannot return None
+    return [g if g is not None else u.new_empty(0) for g in grads]
+
+
+@_selective_scan_bwd.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in inputs]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.delta_softplus = delta_softplus
+    ctx.backend = backend
+
+
+def _backward(ctx, grads):
+    dout, dlast = grads
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    g = _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.backend)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    return tuple(gi if t is not None else None for gi, t in zip(g, present)) + (None, None)
+
+
+_selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias):
+    check_tensor(u, "u", ndim=3)
+    batch, dim, L = u.shape
+    check_tensor(delta, "delta", ndim=3)
+    check_shape(delta, "delta", u.shape, "(batch, dim, L)")
+    if delta.dtype != u.dtype:
+        raise TypeError(f"delta must have u's dtype {u.dtype}, got {delta.dtype}")
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError("A must be real: complex A is not supported by medkernels.selective_scan")
+    check_tensor(A, "A", ndim=2, dtypes=(torch.float32, torch.float64))
+    if A.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim, N) with dim = {dim}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    if not 1 <= n <= MAX_STATE:
+        raise ValueError(f"A's state size N = {n} is out of range: 1 <= N <= {MAX_STATE}")
+    for name, M in (("B", B), ("C", C)):
+        check_tensor(M, name, ndim=(3, 4))
+        if M.dim() == 3:
+            check_shape(M, name, (batch, n, L), "(batch, N, L)")
+        else:
+            groups = M.shape[1]
+            if groups < 1 or dim % groups != 0:
+                raise ValueError(f"{name} has {groups} groups, which must divide dim = {dim}")
+            check_shape(M, name, (batch, groups, n, L), "(batch, G, N, L)")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        check_tensor(v, name, ndim=1, optional=True)
+        check_shape(v, name, (dim,), "(dim,)")
+    check_tensor(z, "z", ndim=3, optional=True)
+    check_shape(z, "z", u.shape, "(batch, dim, L)")
+    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The selective scan of Mamba, with mamba_ssm ``selective_scan_fn``'s signature and semantics (real A).
+
+    Shapes: u, delta, z ``(batch, dim, L)``; A ``(dim, N)`` (N <= 256); B, C ``(batch, N, L)`` or
+    ``(batch, G, N, L)`` (G groups of dim/G channels); D, delta_bias ``(dim,)``.
+    Inputs may be float16/bfloat16/float32 (state and arithmetic in float32) or float64.
+    Returns out ``(batch, dim, L)`` in u's dtype, and also last_state ``(batch, dim, N)`` (float32, or
+    float64 for float64 inputs) when ``return_last_state``. Differentiable in every tensor argument.
+    """
+    _validate(u, delta, A, B, C, D, z, delta_bias)
+    backend = resolve(SELECTIVE_SCAN, u.device)
+    out, last_state = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
+    return (out, last_state) if return_last_state else out
+
+
+__all__ = ["selective_scan", "SELECTIVE_SCAN", "FLOAT_DTYPES"]

@@ -1,0 +1,54 @@
+"""Test setup: Triton runs under its interpreter when there is no GPU (it must be set before triton
+loads), and fixtures parametrize tests over the backends that can run on each device."""
+import os
+import subprocess
+
+def _gpu_present():
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+if not _gpu_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import medkernels  # noqa: E402
+
+CPU_BACKENDS = ("ref", "cpu", "triton")
+CUDA_BACKENDS = ("ref", "cuda", "triton")
+
+
+def _backend_params(device_type, names):
+    params = []
+    for name in names:
+        marks = []
+        if device_type == "cuda" and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="no CUDA device"))
+        params.append(pytest.param((device_type, name), id=f"{device_type}-{name}", marks=marks))
+    return params
+
+
+def _require(backend):
+    reason = medkernels.unavailable_reason(backend)
+    if reason is not None:
+        # test_build.py::test_expected_backends_available fails loudly when a backend that must exist here is missing
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+
+
+@pytest.fixture(params=[p.values[0][1] for p in _backend_params("cpu", CPU_BACKENDS)], ids=lambda b: f"cpu-{b}")
+def cpu_backend(request):
+    """Name of each backend that runs on CPU tensors here."""
+    _require(request.param)
+    return request.param
+
+
+@pytest.fixture(params=_backend_params("cpu", CPU_BACKENDS) + _backend_params("cuda", CUDA_BACKENDS))
+def device_backend(request):
+    """(device, backend) for every backend on every device present."""
+    device_type, backend = request.param
+    _require(backend)
+    return torch.device(device_type), backend

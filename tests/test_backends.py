@@ -1,0 +1,101 @@
+"""Backend selection: use_backend / set_backend / MEDKERNELS_BACKEND, errors for unavailable backends,
+auto's choice and fallback, and `python -m medkernels info`."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medkernels
+from medkernels import _backend
+from medkernels.ops.cross_scan import CROSS_SCAN
+
+
+def test_use_backend_nests_and_restores():
+    before = medkernels.get_backend()
+    with medkernels.use_backend("ref"):
+        assert medkernels.get_backend() == "ref"
+        with medkernels.use_backend("auto"):
+            assert medkernels.get_backend() == "auto"
+        assert medkernels.get_backend() == "ref"
+    assert medkernels.get_backend() == before
+
+
+def test_set_backend_and_env_var(monkeypatch):
+    monkeypatch.setattr(_backend, "_default", None)
+    monkeypatch.setenv("MEDKERNELS_BACKEND", "ref")
+    assert medkernels.get_backend() == "ref"
+    medkernels.set_backend("auto")
+    assert medkernels.get_backend() == "auto"
+    with medkernels.use_backend("ref"):
+        assert medkernels.get_backend() == "ref"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        medkernels.set_backend("fortran")
+
+
+def test_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None if name == "ref" else f"{name} is off in this test")
+    with pytest.raises(medkernels.BackendUnavailableError, match="cuda is off in this test"):
+        with medkernels.use_backend("cuda"):
+            pass
+    with pytest.raises(medkernels.BackendUnavailableError, match="cpu is off"):
+        medkernels.set_backend("cpu")
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None if name == "ref" else "switched off")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with medkernels.use_backend("auto"):
+        with pytest.warns(RuntimeWarning, match="'cpu' backend is unavailable"):
+            assert _backend.resolve(CROSS_SCAN, torch.device("cpu")) == "ref"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.resolve(CROSS_SCAN, torch.device("cpu")) == "ref"
+
+
+def test_auto_prefers_compiled_cpu_backend_on_cpu():
+    if medkernels.unavailable_reason("cpu") is not None:
+        pytest.skip("cpu backend not built")
+    with medkernels.use_backend("auto"):
+        assert _backend.resolve(CROSS_SCAN, torch.device("cpu")) == "cpu"
+
+
+def test_backend_on_wrong_device_is_refused(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None)
+    with medkernels.use_backend("cuda"):
+        with pytest.raises(ValueError, match="cannot run op 'cross_scan' on cpu tensors"):
+            _backend.resolve(CROSS_SCAN, torch.device("cpu"))
+
+
+def test_missing_op_runs_reference_and_is_listed():
+    table = _backend.OpTable("only_ref_for_test", ref=lambda: "ref")
+    try:
+        for backend in medkernels.available_backends():
+            if _backend._runs_on(backend, "cpu"):
+                with medkernels.use_backend(backend):
+                    assert _backend.resolve(table, torch.device("cpu")) == "ref"
+        assert all("only_ref_for_test" in ops for ops in _backend.gaps().values())
+    finally:
+        del _backend.OPS["only_ref_for_test"]
+
+
+def test_info_reports_backends_and_gaps():
+    d = medkernels.info()
+    assert set(d["backends"]) == set(medkernels.BACKENDS)
+    assert d["backends"]["ref"] == {"available": True, "reason": None}
+    for name, b in d["backends"].items():
+        assert b["available"] or b["reason"]
+    assert "selective_scan" in d["reference_fallbacks"]["cpu"]
+    assert "cross_scan" not in d["reference_fallbacks"]["cpu"]
+
+
+def test_info_command_runs():
+    res = subprocess.run([sys.executable, "-m", "medkernels", "info"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for word in ("torch", "triton", "backends:", "ref", "cpu", "cuda", "build of medkernels._C", "devices:"):
+        assert word in res.stdout

@@ -1,0 +1,95 @@
+"""depthwise_conv2d: every backend against F.conv2d(groups=C) + activation in float64, gradients, layouts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medkernels
+from medkernels.nn import DepthwiseConv2d
+from medkernels.ops import depthwise_conv2d
+
+ACTS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+CASES = [  # (B, C, H, W, k, stride)
+    pytest.param((2, 3, 13, 11, 3, 1), id="13x11-k3-s1"),
+    pytest.param((1, 4, 5, 17, 5, 2), id="5x17-k5-s2"),
+    pytest.param((2, 2, 9, 9, 7, 1), id="9x9-k7-s1"),
+    pytest.param((1, 5, 8, 6, 3, 2), id="8x6-k3-s2"),
+]
+
+
+def expected(x, w, b, stride, act):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, w.shape[-1] // 2, groups=x.shape[1])
+    return ACTS[act](y)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("act", list(ACTS), ids=lambda a: a or "none")
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_float32(device_backend, case, act, layout):
+    device, backend = device_backend
+    bsz, c, h, w, k, stride = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(bsz, c, h, w, generator=g).to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    wt = torch.randn(c, 1, k, k, generator=g).to(device).requires_grad_(True)
+    bias = torch.randn(c, generator=g).to(device).requires_grad_(True)
+    with medkernels.use_backend(backend):
+        y = depthwise_conv2d(x, wt, bias, stride=stride, activation=act)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    ref = expected(x, wt, bias, stride, act)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    cot = torch.randn(y.shape, generator=g).to(device)
+    grads = torch.autograd.grad((y * cot).sum(), (x, wt, bias))
+    exp_grads = torch.autograd.grad((ref * cot.double()).sum(), (x, wt, bias))
+    for name, got, exp in zip(("x", "weight", "bias"), grads, exp_grads):
+        torch.testing.assert_close(got.double(), exp.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_dtypes(device_backend, dtype):
+    device, backend = device_backend
+    x = torch.randn(2, 3, 7, 9, device=device).to(dtype)
+    wt = torch.randn(3, 1, 3, 3, device=device).to(dtype)
+    with medkernels.use_backend(backend):
+        y = depthwise_conv2d(x, wt, None, activation="silu")
+    assert y.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), expected(x, wt, None, 1, "silu"), rtol=rtol, atol=atol)
+
+
+def test_gradcheck_float64(cpu_backend):
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    with medkernels.use_backend(cpu_backend):
+        assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=2, activation="gelu"), (x, wt, b))
+
+
+def test_module_is_drop_in_for_conv2d():
+    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)
+    mod = DepthwiseConv2d(6, 5)
+    mod.load_state_dict(conv.state_dict(), strict=True)
+    x = torch.randn(2, 6, 9, 7)
+    torch.testing.assert_close(mod(x), conv(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        pytest.param(dict(weight=torch.zeros(3, 2, 3, 3)), ValueError, "weight", id="weight-not-depthwise"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 4, 4)), ValueError, "even kernel", id="even-kernel-default-padding"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, dtype=torch.float64)), TypeError, "weight", id="weight-dtype"),
+        pytest.param(dict(bias=torch.zeros(4)), ValueError, "bias", id="bias-shape"),
+        pytest.param(dict(activation="tanh"), ValueError, "activation", id="unknown-activation"),
+        pytest.param(dict(stride=0), ValueError, "stride", id="stride-zero"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, device="meta")), ValueError, "device", id="mixed-devices"),
+        pytest.param(dict(x=torch.zeros(2, 3, 8, 8, dtype=torch.int64)), TypeError, "x", id="x-int"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, word):
+    args = dict(x=torch.zeros(2, 3, 8, 8), weight=torch.zeros(3, 1, 3, 3), bias=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=word):
+        depthwise_conv2d(**args)
