@@ -12,9 +12,16 @@ TORCH_VERSION := 2.14.1
 
 # Build settings; each can be overridden from the environment or the command line.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
+# CI (CI=true, no GPU) compiles the CUDA kernels for one architecture to stay fast; elsewhere setup.py
+# picks the visible GPUs' architectures, or 8.0;9.0 when there is none.
+ifeq ($(CI),true)
 TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
 MAX_JOBS ?= 2
 BENCH_ARGS ?=
+# The editable build recompiles everything, so it is redone only when a build input changed.
+BUILD_STAMP := $(VENV)/.medkernels-build-stamp
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
 .PHONY: all venv build test bench clean
 
@@ -24,21 +31,25 @@ venv:
 	@if [ ! -x "$(PY)" ]; then \
 		echo "make: creating $(VENV)"; \
 		$(PYTHON3) -m venv "$(VENV)"; \
+		$(PY) -m pip install --quiet --upgrade pip; \
 	fi
-	$(PY) -m pip install --quiet --upgrade pip
 	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
 		echo "make: installing torch==$(TORCH_VERSION)"; \
 		$(PIP) install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(PIP) install --quiet -r requirements-dev.txt
 
-build: venv
+build: venv $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(BUILD_INPUTS) | venv
 	@start=$$(date +%s); \
 	if [ -n "$(CUDA_HOME)" ]; then export CUDA_HOME="$(CUDA_HOME)"; fi; \
-	export TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS="$(MAX_JOBS)"; \
-	echo "make: building medkernels (CUDA_HOME=$${CUDA_HOME:-<none>} TORCH_CUDA_ARCH_LIST=$$TORCH_CUDA_ARCH_LIST MAX_JOBS=$$MAX_JOBS)"; \
+	if [ -n "$(TORCH_CUDA_ARCH_LIST)" ]; then export TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)"; fi; \
+	export MAX_JOBS="$(MAX_JOBS)"; \
+	echo "make: building medkernels (CUDA_HOME=$${CUDA_HOME:-<none>} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-<setup.py default>} MAX_JOBS=$$MAX_JOBS)"; \
 	$(PIP) install --no-build-isolation --no-deps -e .; \
 	echo "make: build took $$(( $$(date +%s) - start ))s"
+	@touch $(BUILD_STAMP)
 
 test: build
 	@if nvidia-smi -L >/dev/null 2>&1; then \
@@ -53,6 +64,6 @@ bench: build
 	$(PY) -m medkernels.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache $(BUILD_STAMP)
 	find medkernels -name '_C*.so' -delete
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

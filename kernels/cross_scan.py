@@ -13,8 +13,8 @@ With L = H * W and pixel p = h * W + w, scan direction k visits the pixels in th
 ``cross_merge_fwd(y)``: contiguous y (B, 4, C, H, W) -> x (B, C, L),
 x[b, c, p] = sum_k y[b, k, c, position_k(p)]; cross_merge is the adjoint of cross_scan.
 
-Both kernels work pixel-wise: a program handles BLOCK_L consecutive pixels of one (b, c) row
-(program ids: (b * C + c, block of L)), computes where each of the four directions visits them,
+Both kernels work pixel-wise: a program handles a tile of BLOCK_R (b, c) rows by BLOCK_L
+consecutive pixels (program ids: (block of rows, block of L)), computes where each of the four directions visits them,
 and scatters (scan) or gathers (merge) there.  The merge sums in float32 (float64 for float64
 inputs) and rounds once to the input dtype.
 
@@ -62,13 +62,13 @@ def _round_to_bf16(v):
 
 
 @triton.jit
-def _cross_scan_fwd_kernel(x_ptr, y_ptr, C, H, W, L, BLOCK_L: tl.constexpr):
-    # One program: BLOCK_L pixels of row (b, c) of x, scattered to the four directions of y.
-    row = tl.program_id(0).to(tl.int64)
+def _cross_scan_fwd_kernel(x_ptr, y_ptr, rows, C, H, W, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    # One program: a BLOCK_R x BLOCK_L tile of (b, c) rows and pixels of x, scattered to y's four directions.
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     b = row // C
     c = row - b * C
-    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask = p < L
+    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    mask = (row < rows) & (p < L)
     values = tl.load(x_ptr + row * L + p, mask=mask)
     pos0, pos1, pos2, pos3 = _scan_positions(p, H, W, L)
     tl.store(y_ptr + ((b * 4 + 0) * C + c) * L + pos0, values, mask=mask)
@@ -78,13 +78,15 @@ def _cross_scan_fwd_kernel(x_ptr, y_ptr, C, H, W, L, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _cross_merge_fwd_kernel(y_ptr, x_ptr, C, H, W, L, BLOCK_L: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # One program: BLOCK_L pixels of row (b, c) of x, each the sum of its four directions in y.
-    row = tl.program_id(0).to(tl.int64)
+def _cross_merge_fwd_kernel(
+    y_ptr, x_ptr, rows, C, H, W, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, ACC_DTYPE: tl.constexpr
+):
+    # One program: a BLOCK_R x BLOCK_L tile of x, each pixel the sum of its four directions in y.
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     b = row // C
     c = row - b * C
-    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask = p < L
+    p = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    mask = (row < rows) & (p < L)
     pos0, pos1, pos2, pos3 = _scan_positions(p, H, W, L)
     acc = tl.load(y_ptr + ((b * 4 + 0) * C + c) * L + pos0, mask=mask, other=0.0).to(ACC_DTYPE)
     acc += tl.load(y_ptr + ((b * 4 + 1) * C + c) * L + pos1, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -121,12 +123,16 @@ def _check_input(t, op, arg, rank, layout):
         )
 
 
-def _block_l(L):
-    return max(16, min(MAX_BLOCK_L, triton.next_power_of_2(L)))
+def _blocks(rows, L):
+    """Tile sizes (BLOCK_R rows, BLOCK_L pixels). On a GPU a program takes one row's pixels; the
+    interpreter pays per program, so there a program takes a large 2-D tile instead."""
+    if _interpreted():
+        return min(64, triton.next_power_of_2(rows)), max(16, min(4096, triton.next_power_of_2(L)))
+    return 1, max(16, min(MAX_BLOCK_L, triton.next_power_of_2(L)))
 
 
-def _grid(rows, L, block_l, op):
-    grid = (rows, triton.cdiv(L, block_l))
+def _grid(rows, L, block_r, block_l, op):
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(L, block_l))
     if grid[0] > _MAX_GRID_0 or grid[1] > _MAX_GRID_1:
         raise ValueError(f"{op}: the input is too large for one launch (grid {grid})")
     return grid
@@ -148,9 +154,9 @@ def cross_scan_fwd(x):
     y = torch.empty((B, 4, C, L), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_l = _block_l(L)
-    grid = _grid(B * C, L, block_l, "cross_scan_fwd")
-    _launch(_cross_scan_fwd_kernel, grid, x.device, x, y, C, H, W, L, BLOCK_L=block_l)
+    block_r, block_l = _blocks(B * C, L)
+    grid = _grid(B * C, L, block_r, block_l, "cross_scan_fwd")
+    _launch(_cross_scan_fwd_kernel, grid, x.device, x, y, B * C, C, H, W, L, BLOCK_R=block_r, BLOCK_L=block_l)
     return y
 
 
@@ -167,8 +173,9 @@ def cross_merge_fwd(y):
     x = torch.empty((B, C, L), dtype=y.dtype, device=y.device)
     if x.numel() == 0:
         return x
-    block_l = _block_l(L)
-    grid = _grid(B * C, L, block_l, "cross_merge_fwd")
+    block_r, block_l = _blocks(B * C, L)
+    grid = _grid(B * C, L, block_r, block_l, "cross_merge_fwd")
     acc_dtype = tl.float64 if y.dtype == torch.float64 else tl.float32
-    _launch(_cross_merge_fwd_kernel, grid, y.device, y, x, C, H, W, L, BLOCK_L=block_l, ACC_DTYPE=acc_dtype)
+    _launch(_cross_merge_fwd_kernel, grid, y.device, y, x, B * C, C, H, W, L,
+            BLOCK_R=block_r, BLOCK_L=block_l, ACC_DTYPE=acc_dtype)
     return x
