@@ -4,6 +4,7 @@ The data files in tests/data are copies of ../shared/reference (the project must
 """
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -71,3 +72,27 @@ def golden_input():
 
 def num_params(manifest):
     return sum(math.prod(shape) for key, (shape, _) in manifest.items())
+
+
+def header_param_count(model_name):
+    """The parameter count in the manifest's header line (parameters only, no buffers)."""
+    header = (DATA / f"{model_name}.keys.tsv").read_text().splitlines()[0]
+    match = re.search(r"(\d+) parameters", header)
+    assert match, f"no parameter count in the header of {model_name}.keys.tsv: {header!r}"
+    return int(match.group(1))
+
+
+def assert_matches_manifest(model, model_name):
+    """The model's state_dict has exactly the official keys (in order), shapes and dtypes, built on CPU."""
+    manifest = read_manifest(model_name)
+    state = model.state_dict()
+    assert set(state) == set(manifest), (
+        f"missing: {sorted(set(manifest) - set(state))[:10]}, unexpected: {sorted(set(state) - set(manifest))[:10]}"
+    )
+    assert list(state) == list(manifest), "state_dict key order differs from the official model"
+    for key, (shape, dtype) in manifest.items():
+        assert tuple(state[key].shape) == shape, f"{key}: shape {tuple(state[key].shape)} != {shape}"
+        assert state[key].dtype == dtype, f"{key}: dtype {state[key].dtype} != {dtype}"
+        assert state[key].device.type == "cpu", f"{key} was built on {state[key].device}"
+    assert sum(t.numel() for t in state.values()) == num_params(manifest)
+    assert sum(p.numel() for p in model.parameters()) == header_param_count(model_name)

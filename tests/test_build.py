@@ -1,6 +1,7 @@
 """The build and the installation: medkernels._C, build_info(), the kernels subpackage, the backends."""
 import importlib
 import importlib.metadata
+import sysconfig
 import importlib.util
 import os
 import subprocess
@@ -96,10 +97,13 @@ def test_cross_scan_kernels_importable():
 
 
 def _distribution():
-    try:
-        return importlib.metadata.distribution("medkernels")
-    except importlib.metadata.PackageNotFoundError:
+    # Look in site-packages only: from the repo root, a stray medkernels.egg-info in the working tree
+    # would otherwise be found first.
+    site = sysconfig.get_paths()["purelib"]
+    found = list(importlib.metadata.distributions(name="medkernels", path=[site]))
+    if not found:
         pytest.skip("medkernels is not installed as a distribution (running from a source tree)")
+    return found[0]
 
 
 def test_distribution_has_no_top_level_kernels_package():

@@ -8,7 +8,7 @@ import medkernels
 from medkernels.models.hifuse import HiFuse, hifuse_base, hifuse_small, hifuse_tiny
 from medkernels.nn.hifuse import GlobalBlock, HFFBlock, LocalBlock
 
-from model_utils import DATA, fill_model, golden_case, golden_input, num_params, read_manifest
+from model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
 
 FACTORIES = {"hifuse_tiny": hifuse_tiny, "hifuse_small": hifuse_small, "hifuse_base": hifuse_base}
 
@@ -16,33 +16,9 @@ FACTORIES = {"hifuse_tiny": hifuse_tiny, "hifuse_small": hifuse_small, "hifuse_b
 UNUSED_PARAMETER = re.compile(r"^(norm|head)\.|^fu1\.(Updim|norm1|W3)\.|^fu[234]\.(norm2|W)\.|^layers\d\.blocks\.\d+\.norm2\.")
 
 
-def _header_param_count(name):
-    header = (DATA / f"{name}.keys.tsv").read_text().splitlines()[0]
-    match = re.search(r"(\d+) parameters", header)
-    assert match, f"no parameter count in the header of {name}.keys.tsv: {header!r}"
-    return int(match.group(1))
-
-
-# ----------------------------------------------------------------------------------------------- state_dict
-
-
 @pytest.mark.parametrize("name", list(FACTORIES), ids=list(FACTORIES))
 def test_state_dict_matches_official_manifest(name):
-    model = FACTORIES[name](num_classes=1000)
-    manifest = read_manifest(name)
-    state = model.state_dict()
-
-    assert set(state) == set(manifest), (
-        f"missing: {sorted(set(manifest) - set(state))[:10]}, unexpected: {sorted(set(state) - set(manifest))[:10]}"
-    )
-    assert list(state) == list(manifest), "state_dict key order differs from the official model"
-    for key, (shape, dtype) in manifest.items():
-        assert tuple(state[key].shape) == shape, f"{key}: shape {tuple(state[key].shape)} != {shape}"
-        assert state[key].dtype == dtype, f"{key}: dtype {state[key].dtype} != {dtype}"
-        assert state[key].device.type == "cpu", f"{key} was built on {state[key].device}"
-    assert sum(t.numel() for t in state.values()) == num_params(manifest)
-    # the header line counts parameters only (no BatchNorm statistics, no relative_position_index)
-    assert sum(p.numel() for p in model.parameters()) == _header_param_count(name)
+    assert_matches_manifest(FACTORIES[name](num_classes=1000), name)
 
 
 def test_relative_position_index_is_a_correct_persistent_buffer():

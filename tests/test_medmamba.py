@@ -1,5 +1,4 @@
 """Tests of the MedMamba network (medkernels.models.medmamba) and its blocks (medkernels.nn.ss2d)."""
-import re
 
 import pytest
 import torch
@@ -9,38 +8,14 @@ import medkernels
 from medkernels.models.medmamba import MedMamba, medmamba_b, medmamba_s, medmamba_t
 from medkernels.nn.ss2d import SS2D, PatchMerging2D, SSConvSSM
 
-from model_utils import DATA, fill_model, golden_case, golden_input, num_params, read_manifest
+from model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
 
 FACTORIES = {"medmamba_t": medmamba_t, "medmamba_s": medmamba_s, "medmamba_b": medmamba_b}
 
 
-def _header_param_count(name):
-    header = (DATA / f"{name}.keys.tsv").read_text().splitlines()[0]
-    match = re.search(r"(\d+) parameters", header)
-    assert match, f"no parameter count in the header of {name}.keys.tsv: {header!r}"
-    return int(match.group(1))
-
-
-# ----------------------------------------------------------------------------------------------- state_dict
-
-
 @pytest.mark.parametrize("name", list(FACTORIES), ids=list(FACTORIES))
 def test_state_dict_matches_official_manifest(name):
-    model = FACTORIES[name](num_classes=1000)
-    manifest = read_manifest(name)
-    state = model.state_dict()
-
-    assert set(state) == set(manifest), (
-        f"missing: {sorted(set(manifest) - set(state))[:10]}, unexpected: {sorted(set(state) - set(manifest))[:10]}"
-    )
-    assert list(state) == list(manifest), "state_dict key order differs from the official model"
-    for key, (shape, dtype) in manifest.items():
-        assert tuple(state[key].shape) == shape, f"{key}: shape {tuple(state[key].shape)} != {shape}"
-        assert state[key].dtype == dtype, f"{key}: dtype {state[key].dtype} != {dtype}"
-        assert state[key].device.type == "cpu", f"{key} was built on {state[key].device}"
-
-    assert sum(p.numel() for p in model.parameters()) == _header_param_count(name)
-    assert sum(t.numel() for t in state.values()) == num_params(manifest)
+    assert_matches_manifest(FACTORIES[name](num_classes=1000), name)
 
 
 # ------------------------------------------------------------------------------------------- golden logits

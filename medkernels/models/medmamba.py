@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn as nn
 
-import medkernels.nn as _mknn
+from medkernels.nn.depthwise import DepthwiseConv2d
 from medkernels.nn.ss2d import PatchEmbed2D, PatchMerging2D, VSSLayer
 
 __all__ = ["MedMamba", "medmamba_t", "medmamba_s", "medmamba_b"]
@@ -99,7 +99,7 @@ class MedMamba(nn.Module):
                 nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.Conv2d, _mknn.DepthwiseConv2d)):
+        elif isinstance(m, (nn.Conv2d, DepthwiseConv2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @torch.jit.ignore

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from medkernels import ops as _ops
 
 from .depthwise import DepthwiseConv2d
+from .drop_path import DropPath
 
 __all__ = [
-    "drop_path",
-    "DropPath",
     "ChannelsFirstLayerNorm",
     "Conv",
     "IRMLP",
@@ -44,33 +43,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # generic helpers
 # --------------------------------------------------------------------------------------------
-
-
-def drop_path(x, drop_prob=0.0, training=False):
-    """Stochastic depth: zero whole samples of ``x`` with probability ``drop_prob`` (training only).
-
-    x: (batch, ...) -> same shape. Surviving samples are scaled by ``1 / (1 - drop_prob)``.
-    """
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    mask = torch.rand(mask_shape, dtype=x.dtype, device=x.device).add_(keep).floor_()
-    return x.div(keep) * mask
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path`."""
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        return drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self):
-        return f"drop_prob={self.drop_prob}"
 
 
 def _maybe_drop_path(p):

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from medkernels import ops
-import medkernels.nn as _mknn  # DepthwiseConv2d is looked up at construction time (avoids an import cycle)
+from .depthwise import DepthwiseConv2d
+from .drop_path import DropPath
 
 __all__ = [
-    "DropPath",
     "channel_shuffle",
     "PatchEmbed2D",
     "PatchMerging2D",
@@ -44,31 +44,6 @@ def _check_channels_last(x, name, channels, where):
             f"{where}: input '{name}' must have {channels} channels in its last dim (batch, H, W, {channels}), "
             f"got shape {tuple(x.shape)}"
         )
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (as timm's ``DropPath`` with ``scale_by_keep=True``).
-
-    In training, each sample of the batch is zeroed with probability ``drop_prob`` and the kept ones are
-    scaled by ``1 / (1 - drop_prob)``; in eval (or with ``drop_prob == 0``) it is the identity.
-    x: (batch, ...) -> same shape.
-    """
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        if keep > 0.0:
-            mask.div_(keep)
-        return x * mask
-
-    def extra_repr(self):
-        return f"drop_prob={self.drop_prob}"
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -206,7 +181,7 @@ class SS2D(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias, **factory)
         # depthwise conv with the SiLU fused; keys conv2d.weight (d_inner, 1, d_conv, d_conv), conv2d.bias
-        self.conv2d = _mknn.DepthwiseConv2d(
+        self.conv2d = DepthwiseConv2d(
             d_inner, d_conv, padding=(d_conv - 1) // 2, bias=conv_bias, activation="silu", **factory
         )
         self.out_norm = nn.LayerNorm(d_inner, **factory)
