@@ -29,7 +29,7 @@ __all__ = ["cross_scan_fwd", "cross_merge_fwd", "SUPPORTED_DTYPES", "MAX_BLOCK_L
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Largest number of pixels one program handles.
+# Elements (rows x pixels) one program handles on a GPU.
 MAX_BLOCK_L = 1024
 # Grid limits of CUDA: axis 0 (rows) up to 2**31 - 1 programs, axis 1 (blocks of L) up to 65535.
 _MAX_GRID_0 = 2**31 - 1
@@ -124,11 +124,11 @@ def _check_input(t, op, arg, rank, layout):
 
 
 def _blocks(rows, L):
-    """Tile sizes (BLOCK_R rows, BLOCK_L pixels). On a GPU a program takes one row's pixels; the
-    interpreter pays per program, so there a program takes a large 2-D tile instead."""
+    """Tile sizes (BLOCK_R rows, BLOCK_L pixels): about a thousand elements a program on a GPU; the
+    interpreter pays per program, so there a program takes a large tile instead."""
     if _interpreted():
         return min(64, triton.next_power_of_2(rows)), max(16, min(4096, triton.next_power_of_2(L)))
-    return 1, max(16, min(MAX_BLOCK_L, triton.next_power_of_2(L)))
+    return 4, max(16, min(MAX_BLOCK_L // 4, triton.next_power_of_2(L)))
 
 
 def _grid(rows, L, block_r, block_l, op):

@@ -99,3 +99,33 @@ def test_info_command_runs():
     assert res.returncode == 0, res.stderr
     for word in ("torch", "triton", "backends:", "ref", "cpu", "cuda", "build of medkernels._C", "devices:"):
         assert word in res.stdout
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    # Block medkernels._C in a fresh interpreter: the package must import, say why once, and keep working.
+    code = """
+import sys, warnings
+sys.modules["medkernels._C"] = None
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch, medkernels
+    from medkernels.ops import cross_scan, cross_merge
+    x = torch.randn(2, 3, 4, 5)
+    y = cross_scan(x)
+    cross_merge(y.reshape(2, 4, 3, 4, 5))
+    cross_scan(x)
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert sum(m.startswith("medkernels._C could not be loaded") for m in messages) == 1, messages
+assert sum(m.startswith("medkernels: the 'cpu' backend is unavailable") for m in messages) == 1, messages
+assert len(messages) == 2, messages
+assert torch.equal(y[:, 2], x.reshape(2, 3, 20).flip(-1))
+try:
+    medkernels.set_backend("cpu")
+except medkernels.BackendUnavailableError as exc:
+    assert "could not be loaded" in str(exc)
+else:
+    raise AssertionError("set_backend('cpu') should fail without the extension")
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
