@@ -61,6 +61,7 @@ test: build
 	$(PY) -m pytest tests -q
 
 bench: build
+	$(PIP) install --quiet -r requirements-bench.txt
 	$(PY) -m medkernels.bench $(BENCH_ARGS)
 
 clean:

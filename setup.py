@@ -164,14 +164,15 @@ def _extensions():
     openmp = _compiler_accepts("-fopenmp")
     cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
     nvcc_flags = ["-O3", "-lineinfo"]
-    sources = ["csrc/bindings.cpp", "csrc/cross_scan_cpu.cpp"]
+    # every C++ file in csrc/ (bindings, CPU kernels); the .cu files join them for a CUDA build
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     define_macros = []
     arch_list = ""
     if with_cuda:
         arch_list = _cuda_arch_list(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         cpp_extension.CUDA_HOME = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-        sources.append("csrc/cross_scan_cuda.cu")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
         define_macros.append(("MEDKERNELS_WITH_CUDA", None))
 
     # Facts reported by medkernels._C.build_info(); only in the C++ flags, since

@@ -73,7 +73,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "shape (4, H*W): pixel[k, i] is the pixel read at position i of direction k, "
         "position[k, p] the position at which direction k visits pixel p (the formulas of "
         "csrc/cross_scan.h that the CPU and CUDA kernels share).");
+  m.def("selective_scan_fwd_cpu", &medkernels::selective_scan_fwd_cpu, ReleaseGil(),
+        "Selective scan forward on CPU (see csrc/ops.h): -> [out, last_state].");
+  m.def("selective_scan_bwd_cpu", &medkernels::selective_scan_bwd_cpu, ReleaseGil(),
+        "Selective scan backward on CPU: -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias].");
+  m.def("ss2d_scan_fwd_cpu", &medkernels::ss2d_scan_fwd_cpu, ReleaseGil(),
+        "Fused four-direction SS2D scan forward on CPU: -> [out].");
+  m.def("ss2d_scan_bwd_cpu", &medkernels::ss2d_scan_bwd_cpu, ReleaseGil(),
+        "Fused SS2D scan backward on CPU: -> [du, ddelta, dA, dB, dC, dD, ddelta_bias].");
 #ifdef MEDKERNELS_WITH_CUDA
+  m.def("selective_scan_fwd_cuda", &medkernels::selective_scan_fwd_cuda, ReleaseGil(),
+        "Selective scan forward on CUDA: -> [out, last_state].");
+  m.def("selective_scan_bwd_cuda", &medkernels::selective_scan_bwd_cuda, ReleaseGil(),
+        "Selective scan backward on CUDA: -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias].");
+  m.def("ss2d_scan_fwd_cuda", &medkernels::ss2d_scan_fwd_cuda, ReleaseGil(),
+        "Fused four-direction SS2D scan forward on CUDA: -> [out].");
+  m.def("ss2d_scan_bwd_cuda", &medkernels::ss2d_scan_bwd_cuda, ReleaseGil(),
+        "Fused SS2D scan backward on CUDA: -> [du, ddelta, dA, dB, dC, dD, ddelta_bias].");
   m.def("cross_scan_cuda", &medkernels::cross_scan_cuda, pybind11::arg("x"), ReleaseGil(),
         "cross_scan on CUDA: contiguous x (B, C, H, W) -> y (B, 4, C, H*W).");
   m.def("cross_merge_cuda", &medkernels::cross_merge_cuda, pybind11::arg("y"), ReleaseGil(),

@@ -3,8 +3,10 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 namespace medkernels {
 
@@ -19,7 +21,44 @@ at::Tensor cross_merge_cpu(const at::Tensor& y);
 // tests check the exact formulas the CUDA kernels use.
 std::tuple<at::Tensor, at::Tensor> cross_scan_indices(int64_t H, int64_t W);
 
+// Selective scan (selective_scan_math.h has the formulas). The Python layer passes contiguous tensors:
+// u, delta, z (B, D, L) of one dtype T (float16/bfloat16/float32/float64); A (D, N) and D_skip,
+// delta_bias (D,) in the state dtype S (float32, or float64 when T is float64); B, C (B, G, N, L) of
+// dtype T, G dividing D (channel d uses group d / (D / G)). Absent optionals are undefined tensors.
+//   fwd -> {out (B, D, L) T, last_state (B, D, N) S}
+//   bwd -> {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias} (shapes and dtypes of the inputs; undefined for
+//          absent inputs); dlast_state (B, D, N) S may be undefined.
+#define MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS                                                            \
+  const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B,             \
+      const at::Tensor &C, const c10::optional<at::Tensor> &D_skip, const c10::optional<at::Tensor> &z, \
+      const c10::optional<at::Tensor> &delta_bias, bool delta_softplus
+std::vector<at::Tensor> selective_scan_fwd_cpu(MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
+std::vector<at::Tensor> selective_scan_bwd_cpu(const at::Tensor& dout,
+                                               const c10::optional<at::Tensor>& dlast_state,
+                                               MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
+
+// Fused SS2D scan: the four directions of MedMamba's cross-scan walked in place, inputs and output in
+// pixel order (p = h * W + w; direction k visits pixels in the order of cross_scan.h). Contiguous:
+// u (B, D, H, W) T, shared by the four directions; delta (B, 4, D, H, W) T; A (4 * D, N) S (row k * D + d
+// for direction k, channel d); B, C (B, 4, N, H, W) T (direction k's B and C); D_skip, delta_bias
+// (4 * D,) S or undefined.
+//   fwd -> {out (B, D, H * W) T}: the four directions' outputs summed per pixel.
+//   bwd -> {du, ddelta, dA, dB, dC, dD, ddelta_bias} (shapes and dtypes of the inputs; undefined for
+//          absent inputs).
+#define MEDKERNELS_SS2D_SCAN_FWD_ARGS                                                          \
+  const at::Tensor &u, const at::Tensor &delta, const at::Tensor &A, const at::Tensor &B,      \
+      const at::Tensor &C, const c10::optional<at::Tensor> &D_skip,                            \
+      const c10::optional<at::Tensor> &delta_bias, bool delta_softplus
+std::vector<at::Tensor> ss2d_scan_fwd_cpu(MEDKERNELS_SS2D_SCAN_FWD_ARGS);
+std::vector<at::Tensor> ss2d_scan_bwd_cpu(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS);
+
 #ifdef MEDKERNELS_WITH_CUDA
+std::vector<at::Tensor> selective_scan_fwd_cuda(MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
+std::vector<at::Tensor> selective_scan_bwd_cuda(const at::Tensor& dout,
+                                                const c10::optional<at::Tensor>& dlast_state,
+                                                MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
+std::vector<at::Tensor> ss2d_scan_fwd_cuda(MEDKERNELS_SS2D_SCAN_FWD_ARGS);
+std::vector<at::Tensor> ss2d_scan_bwd_cuda(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS);
 at::Tensor cross_scan_cuda(const at::Tensor& x);
 at::Tensor cross_merge_cuda(const at::Tensor& y);
 // CUDA runtime version the .cu files were compiled against, e.g. "13.0".

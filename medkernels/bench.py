@@ -1,8 +1,10 @@
-"""``python -m medkernels.bench``: time the networks on every available backend, side by side in one run.
+"""``python -m medkernels.bench``: time the ops and the networks on every available backend, side by side.
 
-For now it times HiFuse-T and MedMamba-T inference (forward, eval mode) on each medkernels backend that can
-run on the chosen device and prints a table with each backend's speed-up over the pure-PyTorch ``ref``
-backend, measured in the same run. ``--json PATH`` also writes every figure.
+Ops (``--ops``): the selective scan and the fused SS2D scan at MedMamba-T's stage-1 shapes against the
+plain PyTorch loop, mambapy's parallel scan (CPU, when installed) and the unfused SS2D path (see
+``medkernels.bench_scan``). Models (``--models``): HiFuse-T and MedMamba-T inference (forward, eval mode) at
+each ``--batch``. Every row has its speed-up over its baseline measured in the same run and its error against
+the reference output. ``--json PATH`` also writes every figure.
 """
 import argparse
 import json
@@ -13,14 +15,17 @@ import time
 
 import torch
 
-from . import _backend
+from . import _backend, bench_scan
 from .info import info
 
 MODELS = ("hifuse_tiny", "medmamba_t")
+OPS = ("selective_scan", "ss2d_scan")
 
 
 def _backends_for(device):
-    return [b for b in _backend.BACKENDS if _backend.unavailable_reason(b) is None and _backend._runs_on(b, device.type)]
+    """The backends to time on `device`; Triton's CPU interpreter is a test tool, not a provider."""
+    return [b for b in _backend.BACKENDS if _backend.unavailable_reason(b) is None and _backend._runs_on(b, device.type)
+            and not (b == "triton" and device.type == "cpu")]
 
 
 def _sync(device):
@@ -86,7 +91,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def update_readme(path, device, rows):
+def update_readme(path, device, rows, op_rows=()):
     """Put this run's table between ``<!-- bench:<device type> -->`` and ``<!-- /bench:<device type> -->``."""
     begin, end = f"<!-- bench:{device.type} -->", f"<!-- /bench:{device.type} -->"
     with open(path) as f:
@@ -95,7 +100,9 @@ def update_readme(path, device, rows):
         raise SystemExit(f"{path} has no {begin} ... {end} markers")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
-    block = f"{begin}\nMeasured {stamp} on {name} (`python -m medkernels.bench`):\n\n```\n{format_table(rows)}\n```\n{end}"
+    tables = ([bench_scan.format_rows(op_rows)] if op_rows else []) + ([format_table(rows)] if rows else [])
+    body = "\n\n".join(tables)
+    block = f"{begin}\nMeasured {stamp} on {name} (`python -m medkernels.bench`):\n\n```\n{body}\n```\n{end}"
     head, rest = text.split(begin, 1)
     with open(path, "w") as f:
         f.write(head + block + rest.split(end, 1)[1])
@@ -104,8 +111,9 @@ def update_readme(path, device, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m medkernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -122,15 +130,24 @@ def main(argv=None):
         + "; ".join(f"{b}: {', '.join(o) or '-'}" for b, o in fallbacks.items())
         + "\n\n"
     )
+    op_rows = []
+    if "selective_scan" in args.ops:
+        op_rows += bench_scan.bench_selective_scan(device, time_call, args.warmup, args.repeats)
+    if "ss2d_scan" in args.ops:
+        op_rows += bench_scan.bench_ss2d(device, time_call, args.warmup, args.repeats)
+    if op_rows:
+        sys.stdout.write(bench_scan.format_rows(op_rows) + "\n\n")
     rows = []
     for name in args.models:
-        rows += bench_model(name, device, backends, args.batch, args.size, args.warmup, args.repeats)
+        for batch in args.batch:
+            rows += bench_model(name, device, backends, batch, args.size, args.warmup, args.repeats)
         sys.stdout.write(format_table([r for r in rows if r["model"] == name]) + "\n\n")
     if args.update_readme:
-        update_readme(args.update_readme, device, rows)
+        update_readme(args.update_readme, device, rows, op_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "device": str(device), "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"environment": env, "device": str(device), "args": vars(args), "rows": rows,
+                       "op_rows": op_rows}, f, indent=1)
     return 0
 
 

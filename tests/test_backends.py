@@ -90,7 +90,9 @@ def test_info_reports_backends_and_gaps():
     assert d["backends"]["ref"] == {"available": True, "reason": None}
     for name, b in d["backends"].items():
         assert b["available"] or b["reason"]
-    assert "selective_scan" in d["reference_fallbacks"]["cpu"]
+    for backend, missing in d["reference_fallbacks"].items():
+        assert missing == sorted(n for n, t in _backend.OPS.items() if not t.implemented_in(backend))
+    assert "depthwise_conv2d" in d["reference_fallbacks"]["cpu"]  # no C++ kernel yet
     assert "cross_scan" not in d["reference_fallbacks"]["cpu"]
 
 

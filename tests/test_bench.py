@@ -6,7 +6,8 @@ from medkernels import bench
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--size", "64", "--warmup", "0", "--repeats", "2", "--json", str(out)]) == 0
+    assert bench.main(["--device", "cpu", "--size", "64", "--batch", "1", "--ops", "--warmup", "0", "--repeats", "2",
+                       "--json", str(out)]) == 0
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
     rows = data["rows"]

@@ -14,6 +14,7 @@ def _sample_calls():
     A = -r(4, 3).abs()
     return {
         "selective_scan_fwd": (torch.ops.medkernels.selective_scan_fwd, (u, delta, A, r(2, 2, 3, 6), r(2, 3, 6), r(4), r(2, 4, 6), r(4), True)),
+        "ss2d_scan_fwd": (torch.ops.medkernels.ss2d_scan_fwd, (r(1, 2, 3, 4), r(1, 4, 2, 3, 4).abs(), -r(8, 3).abs(), r(1, 4, 3, 3, 4), r(1, 4, 3, 3, 4), r(8), r(8), True)),
         "cross_scan": (torch.ops.medkernels.cross_scan, (r(2, 3, 4, 5),)),
         "cross_merge": (torch.ops.medkernels.cross_merge, (r(2, 4, 3, 4, 5),)),
         "depthwise_conv2d_fwd": (torch.ops.medkernels.depthwise_conv2d_fwd, (r(2, 3, 7, 6), r(3, 1, 3, 3), r(3), 2, 1, "silu")),

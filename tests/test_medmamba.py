@@ -30,6 +30,10 @@ def golden_medmamba_t():
 
 def test_golden_logits_medmamba_t(golden_medmamba_t, cpu_backend):
     model, x, expected = golden_medmamba_t
+    if cpu_backend == "triton":
+        # Triton's CPU interpreter walks the 3136-step stage-1 scans at a few ms per step: check the first
+        # image only (images are independent in eval mode), which halves the minutes this takes.
+        x, expected = x[:1], expected[:1]
     with medkernels.use_backend(cpu_backend), torch.no_grad():
         logits = model(x)
     assert logits.shape == expected.shape

@@ -189,30 +189,29 @@ class SS2D(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """The scan core: cross scan, projections, selective scan, cross merge.
+        """The scan core: per-pixel projections, then the fused four-direction scan.
 
         x: (batch, d_inner, H, W) (after conv + SiLU) -> y: (batch, d_inner, H * W), float32, row-major pixel
-        order, the sum of the four directions' outputs.
+        order, the sum of the four directions' outputs. The x_proj/dt_proj projections act on each pixel
+        alone, so they are computed once in pixel order; ``ops.ss2d_scan`` walks the four directions itself
+        (the official code materialises the four scan orders, projects them and merges them back).
         """
         b, d, h, w = x.shape
         k, length = self.K, h * w
-        xs = ops.cross_scan(x)  # (b, k, d, L), direction k in its own scan order
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        x_dbl = torch.einsum("bdl,kcd->bkcl", x.reshape(b, d, length), self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # bias goes to the scan (delta_bias)
-        ys = ops.selective_scan(
-            xs.float().reshape(b, k * d, length),
-            dts.float().reshape(b, k * d, length),
+        y = ops.ss2d_scan(
+            x.float(),
+            dts.float().reshape(b, k, d, h, w),
             -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
+            bs.float().reshape(b, k, self.d_state, h, w),
+            cs.float().reshape(b, k, self.d_state, h, w),
             D=self.Ds.float(),
-            z=None,
             delta_bias=self.dt_projs_bias.float().reshape(-1),
             delta_softplus=True,
-            return_last_state=False,
         )
-        return ops.cross_merge(ys.reshape(b, k, d, h, w))
+        return y.reshape(b, d, length)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """x: (batch, H, W, d_model) -> (batch, H, W, d_model)."""

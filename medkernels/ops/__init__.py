@@ -3,9 +3,11 @@ from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv import depthwise_conv2d
 from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .selective_scan import selective_scan
+from .ss2d_scan import ss2d_scan
 
 __all__ = [
     "selective_scan",
+    "ss2d_scan",
     "cross_scan",
     "cross_merge",
     "depthwise_conv2d",

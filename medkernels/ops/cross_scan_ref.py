@@ -6,12 +6,16 @@ Directions, for an (H, W) map flattened to L = H*W positions: 0 row-major, 1 col
 import torch
 
 
+def direction_order(x, k):
+    """x: (B, C, H, W) -> (B, C, H*W) in scan direction k's order."""
+    b, c, h, w = x.shape
+    seq = x.reshape(b, c, h * w) if k in (0, 2) else x.transpose(2, 3).reshape(b, c, h * w)
+    return seq.flip(-1) if k >= 2 else seq
+
+
 def cross_scan_ref(x):
     """x: (B, C, H, W) -> (B, 4, C, H*W), each direction in its scan order."""
-    b, c, h, w = x.shape
-    rows = x.reshape(b, c, h * w)
-    cols = x.transpose(2, 3).reshape(b, c, h * w)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    return torch.stack([direction_order(x, k) for k in range(4)], dim=1)
 
 
 def cross_merge_ref(y):

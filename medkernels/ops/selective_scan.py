@@ -1,8 +1,12 @@
 """medkernels.ops.selective_scan: validation, backend dispatch, torch.library registration and autograd."""
 from typing import List, Optional
 
+import importlib
+import math
+
 import torch
 
+from .. import _ext
 from .._backend import OpTable, resolve
 from ._common import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, vjp
 from .selective_scan_ref import selective_scan_ref
@@ -21,7 +25,75 @@ class _RefImpl:
         return vjp(fn, (u, delta, A, B, C, D, z, delta_bias), (dout, dlast))
 
 
+def state_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def kernel_operand(t, dtype):
+    """A tensor as the compiled and Triton kernels take it: contiguous, in `dtype`; None stays None."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def restore_grads(grads, inputs):
+    """Kernel gradients back to each input's shape and dtype (None where the input is absent)."""
+    return [None if t is None else g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+class _KernelImpl:
+    """Adapts a backend's selective_scan_fwd/bwd to the op: the kernels take contiguous tensors, B and C
+    grouped as (batch, G, N, L) in u's dtype, and A, D, delta_bias in the state dtype (csrc/ops.h)."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd, self.bwd = fwd, bwd
+
+    @staticmethod
+    def _groups(B, C):
+        """The common group count of B and C (ungrouped counts as one group)."""
+        return math.lcm(*(M.shape[1] if M.dim() == 4 else 1 for M in (B, C)))
+
+    @staticmethod
+    def _grouped(M, groups):
+        M = M if M.dim() == 4 else M.unsqueeze(1)
+        return M.repeat_interleave(groups // M.shape[1], dim=1) if M.shape[1] != groups else M
+
+    @staticmethod
+    def _ungrouped_grad(g, M, groups):
+        """Gradient of _grouped: sum the copies of each of M's groups."""
+        own = M.shape[1] if M.dim() == 4 else 1
+        return g.reshape(g.shape[0], own, groups // own, *g.shape[2:]).sum(2)
+
+    def _operands(self, u, delta, A, B, C, D, z, delta_bias):
+        sdt = state_dtype(u)
+        groups = self._groups(B, C)
+        return (kernel_operand(u, u.dtype), kernel_operand(delta, u.dtype), kernel_operand(A, sdt),
+                kernel_operand(self._grouped(B, groups), u.dtype), kernel_operand(self._grouped(C, groups), u.dtype),
+                kernel_operand(D, sdt), kernel_operand(z, u.dtype), kernel_operand(delta_bias, sdt))
+
+    def forward(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        out, last_state = self.fwd(*self._operands(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+        return out, last_state
+
+    def backward(self, dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        operands = self._operands(u, delta, A, B, C, D, z, delta_bias)
+        dlast = kernel_operand(dlast, state_dtype(u))
+        grads = list(self.bwd(kernel_operand(dout, u.dtype), dlast, *operands, delta_softplus))
+        groups = self._groups(B, C)
+        grads[3] = self._ungrouped_grad(grads[3], B, groups)
+        grads[4] = self._ungrouped_grad(grads[4], C, groups)
+        return restore_grads(grads, (u, delta, A, B, C, D, z, delta_bias))
+
+
 SELECTIVE_SCAN = OpTable("selective_scan", ref=_RefImpl)
+SELECTIVE_SCAN.register("cpu", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cpu, _ext.module().selective_scan_bwd_cpu))
+SELECTIVE_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cuda, _ext.module().selective_scan_bwd_cuda))
+
+
+def _triton_impl():
+    module = importlib.import_module("medkernels.kernels.selective_scan")
+    return _KernelImpl(module.selective_scan_fwd, module.selective_scan_bwd)
+
+
+SELECTIVE_SCAN.register("triton", _triton_impl)
 
 
 @torch.library.custom_op("medkernels::selective_scan_fwd", mutates_args=())
@@ -43,8 +115,8 @@ def _selective_scan_fwd(
 
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    sdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    return [torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=sdt)]
+    last_state = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=state_dtype(u))
+    return [torch.empty_like(u, memory_format=torch.contiguous_format), last_state]
 
 
 @torch.library.custom_op("medkernels::selective_scan_bwd", mutates_args=())

@@ -1,0 +1,187 @@
+"""The C++ CPU kernels of selective_scan / ss2d_scan called directly (medkernels._C): the paths the op-level
+tests do not reach on their own — several chunks of the backward's recomputation, the state size 16
+specialisation next to the generic one, channels of a group split over threads, the SS2D walk — against
+the float64 references with torch.autograd, plus the kernels' own argument checks."""
+import pytest
+import torch
+
+from medkernels import _ext
+from medkernels.ops.selective_scan_ref import selective_scan_ref
+from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref
+
+if _ext.load_error() is not None:
+    pytest.skip(f"medkernels._C unavailable: {_ext.load_error()}", allow_module_level=True)
+
+C_ = _ext.module()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _scan_inputs(batch, dim, L, n, groups, dtype, seed=0, D=True, z=True, bias=True):
+    g = _gen(seed)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.randn(batch, dim, L, generator=g).to(dtype)
+    delta = (0.5 * torch.rand(batch, dim, L, generator=g)).to(dtype)
+    A = (-torch.exp(0.5 * torch.randn(dim, n, generator=g))).to(sdt)
+    B = torch.randn(batch, groups, n, L, generator=g).to(dtype)
+    C = torch.randn(batch, groups, n, L, generator=g).to(dtype)
+    Dv = torch.randn(dim, generator=g).to(sdt) if D else None
+    zv = torch.randn(batch, dim, L, generator=g).to(dtype) if z else None
+    bv = (0.3 * torch.rand(dim, generator=g)).to(sdt) if bias else None
+    return u, delta, A, B, C, Dv, zv, bv
+
+
+def _ss2d_inputs(batch, dim, H, W, n, dtype, seed=0, D=True, bias=True):
+    g = _gen(seed)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.randn(batch, dim, H, W, generator=g).to(dtype)
+    delta = (0.5 * torch.rand(batch, 4, dim, H, W, generator=g)).to(dtype)
+    A = (-torch.exp(0.5 * torch.randn(4 * dim, n, generator=g))).to(sdt)
+    B = torch.randn(batch, 4, n, H, W, generator=g).to(dtype)
+    C = torch.randn(batch, 4, n, H, W, generator=g).to(dtype)
+    Dv = torch.randn(4 * dim, generator=g).to(sdt) if D else None
+    bv = (0.3 * torch.rand(4 * dim, generator=g)).to(sdt) if bias else None
+    return u, delta, A, B, C, Dv, bv
+
+
+def _close(got, exp, tol):
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol * scale)
+
+
+def _check_scan(args, softplus, dtype, tol, dlast=True, threads=None):
+    u, delta, A, B, C, Dv, zv, bv = args
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        out, last = C_.selective_scan_fwd_cpu(u, delta, A, B, C, Dv, zv, bv, softplus)
+        g = _gen(7)
+        dout = torch.randn(out.shape, generator=g).to(dtype)
+        dl = torch.randn(last.shape, generator=g).to(last.dtype) if dlast else None
+        grads = C_.selective_scan_bwd_cpu(dout, dl, u, delta, A, B, C, Dv, zv, bv, softplus)
+    finally:
+        torch.set_num_threads(old)
+    assert out.dtype == dtype and last.dtype == A.dtype
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in args]
+    exp_out, exp_last = selective_scan_ref(*leaves, softplus)
+    _close(out, exp_out, tol)
+    _close(last, exp_last, tol)
+    present = [t for t in leaves if t is not None]
+    outs, gouts = [exp_out], [dout.double()]
+    if dlast:
+        outs.append(exp_last)
+        gouts.append(dl.double())
+    exp_grads = iter(torch.autograd.grad(outs, present, gouts, allow_unused=True))
+    # kernel order: du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (the order of the inputs)
+    for name, got, leaf, inp in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], grads, leaves, args):
+        if leaf is None:
+            assert got is None, name  # undefined tensors come back as None
+            continue
+        exp = next(exp_grads)
+        exp = torch.zeros_like(leaf) if exp is None else exp
+        assert got.shape == inp.shape and got.dtype == inp.dtype, name
+        _close(got, exp, tol)
+
+
+@pytest.mark.parametrize("n", [16, 5], ids=["N16", "N5"])
+@pytest.mark.parametrize("L", [1, 64, 200], ids=lambda L: f"L{L}")
+@pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
+def test_scan_float64_multi_chunk(n, L, softplus):
+    _check_scan(_scan_inputs(2, 6, L, n, 3, torch.float64), softplus, torch.float64, 1e-10)
+
+
+def test_scan_without_optionals_and_dlast():
+    args = _scan_inputs(2, 4, 130, 16, 1, torch.float64, D=False, z=False, bias=False)
+    _check_scan(args, False, torch.float64, 1e-10, dlast=False)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_scan_channels_split_over_threads(threads):
+    # batch * G = 1: the channels of the single group are split into `threads` tasks with partial dB / dC.
+    _check_scan(_scan_inputs(1, 8, 150, 16, 1, torch.float64, seed=1), True, torch.float64, 1e-10,
+                threads=threads)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)],
+                         ids=["float32", "float16", "bfloat16"])
+def test_scan_low_precision(dtype, tol):
+    _check_scan(_scan_inputs(2, 8, 150, 16, 2, dtype, seed=2), True, dtype, tol)
+
+
+def _check_ss2d(args, softplus, dtype, tol, threads=None):
+    u, delta, A, B, C, Dv, bv = args
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        (out,) = C_.ss2d_scan_fwd_cpu(u, delta, A, B, C, Dv, bv, softplus)
+        dout = torch.randn(u.shape, generator=_gen(9)).to(dtype)
+        grads = C_.ss2d_scan_bwd_cpu(dout, u, delta, A, B, C, Dv, bv, softplus)
+    finally:
+        torch.set_num_threads(old)
+    assert out.shape == (u.shape[0], u.shape[1], u.shape[2] * u.shape[3]) and out.dtype == dtype
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in args]
+    exp = ss2d_scan_ref(*leaves, softplus)
+    _close(out.reshape(exp.shape), exp, tol)
+    present = [t for t in leaves if t is not None]
+    exp_grads = iter(torch.autograd.grad(exp, present, dout.double()))
+    for name, got, leaf, inp in zip(["u", "delta", "A", "B", "C", "D", "delta_bias"], grads, leaves, args):
+        if leaf is None:
+            continue
+        assert got.shape == inp.shape and got.dtype == inp.dtype, name
+        _close(got, next(exp_grads), tol)
+
+
+@pytest.mark.parametrize("hw", [(5, 7), (9, 16), (12, 17)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("n", [16, 3], ids=["N16", "N3"])
+def test_ss2d_float64(hw, n):
+    _check_ss2d(_ss2d_inputs(2, 3, *hw, n, torch.float64), True, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_ss2d_channels_split_over_threads(threads):
+    _check_ss2d(_ss2d_inputs(1, 5, 11, 9, 16, torch.float64, seed=3, D=False, bias=False), False,
+                torch.float64, 1e-10, threads=threads)
+
+
+def test_ss2d_float32():
+    _check_ss2d(_ss2d_inputs(2, 4, 10, 13, 16, torch.float32, seed=4), True, torch.float32, 1e-4)
+
+
+def test_empty_sizes():
+    for L in (0,):
+        u, delta, A, B, C, Dv, zv, bv = _scan_inputs(2, 4, L, 3, 2, torch.float32)
+        out, last = C_.selective_scan_fwd_cpu(u, delta, A, B, C, Dv, zv, bv, True)
+        assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))
+        grads = C_.selective_scan_bwd_cpu(torch.zeros_like(u), torch.ones_like(last), u, delta, A, B, C, Dv, zv, bv,
+                                          True)
+        assert torch.equal(grads[2], torch.zeros_like(A)) and torch.equal(grads[5], torch.zeros_like(Dv))
+    u, delta, A, B, C, Dv, bv = _ss2d_inputs(0, 3, 4, 4, 2, torch.float32)
+    (out,) = C_.ss2d_scan_fwd_cpu(u, delta, A, B, C, Dv, bv, True)
+    assert out.shape == (0, 3, 16)
+    grads = C_.ss2d_scan_bwd_cpu(torch.zeros_like(u), u, delta, A, B, C, Dv, bv, True)
+    assert torch.equal(grads[2], torch.zeros_like(A))
+
+
+def test_argument_checks_name_the_argument():
+    u, delta, A, B, C, Dv, zv, bv = _scan_inputs(2, 4, 5, 3, 2, torch.float32)
+    with pytest.raises(TypeError, match="delta"):
+        C_.selective_scan_fwd_cpu(u, delta.double(), A, B, C, Dv, zv, bv, True)
+    with pytest.raises(TypeError, match="A"):
+        C_.selective_scan_fwd_cpu(u, delta, A.double(), B, C, Dv, zv, bv, True)
+    with pytest.raises(ValueError, match="C"):
+        C_.selective_scan_fwd_cpu(u, delta, A, B, C[:, :1], Dv, zv, bv, True)
+    with pytest.raises(ValueError, match="B"):
+        C_.selective_scan_fwd_cpu(u, delta, A, B[:, :, :, :4], C, Dv, zv, bv, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        C_.selective_scan_fwd_cpu(u, delta, A, B, C, Dv, zv.transpose(1, 2).contiguous().transpose(1, 2), bv, True)
+    with pytest.raises(ValueError, match="dlast_state"):
+        C_.selective_scan_bwd_cpu(u, torch.zeros(2, 4, 2), u, delta, A, B, C, Dv, zv, bv, True)
+    su, sdelta, sA, sB, sC, sD, sbias = _ss2d_inputs(1, 2, 3, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="delta_bias"):
+        C_.ss2d_scan_fwd_cpu(su, sdelta, sA, sB, sC, sD, sbias[:2], True)
+    with pytest.raises(ValueError, match="dout"):
+        C_.ss2d_scan_bwd_cpu(su[:, :1], su, sdelta, sA, sB, sC, sD, sbias, True)
