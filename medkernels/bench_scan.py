@@ -96,12 +96,24 @@ def peak_memory_mb(provider, shape):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _high_water_kb():
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork and exec.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _child_peak(provider, shape):
     t = _with_grad(scan_inputs(torch.device("cpu"), **shape))
     grad = torch.ones(shape["batch"], shape["dim"], shape["L"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _high_water_kb()
     _fwd_bwd(provider, t, grad)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+    return (_high_water_kb() - before) / 1024.0
 
 
 def bench_selective_scan(device, time_call, warmup, repeats, shape=SCAN_SHAPE, memory=True):
