@@ -81,6 +81,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused four-direction SS2D scan forward on CPU: -> [out].");
   m.def("ss2d_scan_bwd_cpu", &medkernels::ss2d_scan_bwd_cpu, ReleaseGil(),
         "Fused SS2D scan backward on CPU: -> [du, ddelta, dA, dB, dC, dD, ddelta_bias].");
+  m.def("hff_spatial_gate_fwd_cpu", &medkernels::hff_spatial_gate_fwd_cpu, ReleaseGil(),
+        "HFF spatial gate (or x * gate) forward on CPU (see csrc/ops.h): -> [y, batch_mean, batch_var, "
+        "pooled, argmax].");
+  m.def("hff_spatial_gate_bwd_cpu", &medkernels::hff_spatial_gate_bwd_cpu, ReleaseGil(),
+        "HFF spatial gate backward on CPU: -> [dx, dconv_weight, dbn_weight, dbn_bias].");
+  m.def("hff_channel_gate_fwd_cpu", &medkernels::hff_channel_gate_fwd_cpu, ReleaseGil(),
+        "HFF channel gate (or x * gate) forward on CPU: -> [y, pooled, argmax].");
+  m.def("hff_channel_gate_bwd_cpu", &medkernels::hff_channel_gate_bwd_cpu, ReleaseGil(),
+        "HFF channel gate backward on CPU: -> [dx, dfc1_weight, dfc2_weight].");
+  m.def("hff_fused_tail_fwd_cpu", &medkernels::hff_fused_tail_fwd_cpu, ReleaseGil(),
+        "HFF fusion tail (gates, concatenation, channels-first LayerNorm) forward on CPU: -> [out, mean, rstd].");
+  m.def("hff_fused_tail_bwd_cpu", &medkernels::hff_fused_tail_bwd_cpu, ReleaseGil(),
+        "HFF fusion tail backward on CPU: -> [dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias].");
 #ifdef MEDKERNELS_WITH_CUDA
   m.def("selective_scan_fwd_cuda", &medkernels::selective_scan_fwd_cuda, ReleaseGil(),
         "Selective scan forward on CUDA: -> [out, last_state].");
@@ -94,6 +107,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cross_scan on CUDA: contiguous x (B, C, H, W) -> y (B, 4, C, H*W).");
   m.def("cross_merge_cuda", &medkernels::cross_merge_cuda, pybind11::arg("y"), ReleaseGil(),
         "cross_merge on CUDA: contiguous y (B, 4, C, H, W) -> x (B, C, H*W).");
+  m.def("hff_spatial_gate_fwd_cuda", &medkernels::hff_spatial_gate_fwd_cuda, ReleaseGil(),
+        "HFF spatial gate (or x * gate) forward on CUDA: -> [y, batch_mean, batch_var, pooled, argmax].");
+  m.def("hff_spatial_gate_bwd_cuda", &medkernels::hff_spatial_gate_bwd_cuda, ReleaseGil(),
+        "HFF spatial gate backward on CUDA: -> [dx, dconv_weight, dbn_weight, dbn_bias].");
+  m.def("hff_channel_gate_fwd_cuda", &medkernels::hff_channel_gate_fwd_cuda, ReleaseGil(),
+        "HFF channel gate (or x * gate) forward on CUDA: -> [y, pooled, argmax].");
+  m.def("hff_channel_gate_bwd_cuda", &medkernels::hff_channel_gate_bwd_cuda, ReleaseGil(),
+        "HFF channel gate backward on CUDA: -> [dx, dfc1_weight, dfc2_weight].");
+  m.def("hff_fused_tail_fwd_cuda", &medkernels::hff_fused_tail_fwd_cuda, ReleaseGil(),
+        "HFF fusion tail forward on CUDA: -> [out, mean, rstd].");
+  m.def("hff_fused_tail_bwd_cuda", &medkernels::hff_fused_tail_bwd_cuda, ReleaseGil(),
+        "HFF fusion tail backward on CUDA: -> [dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias].");
 #endif
   m.def("build_info", &build_info,
         "How this extension was built: a dict with keys cuda, cuda_version, cuda_arch_list, "

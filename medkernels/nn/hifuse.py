@@ -413,6 +413,10 @@ class HFFBlock(nn.Module):
     official ``main_model.py`` computes and what its reference logits match; a derived copy of the
     code that applies the sigmoid twice does not reproduce them);
     out = shortcut + drop_path(IRMLP(norm3(cat[g', l', X_f]))).
+
+    The attentions run as gates (``hff_spatial_gate`` (B, 1, H, W), ``hff_channel_gate`` (B, ch_2, 1, 1))
+    and ``hff_fused_tail`` applies them while concatenating and normalising (norm3), so neither l', g'
+    nor the concatenation is materialised.
     """
 
     def __init__(self, ch_1, ch_2, r_2, ch_int, ch_out, drop_rate=0.0):
@@ -435,7 +439,8 @@ class HFFBlock(nn.Module):
         self.residual = IRMLP(ch_1 + ch_2 + ch_int, ch_out)
         self.drop_path = _maybe_drop_path(drop_rate)
 
-    def _spatial_attention(self, l):
+    def _spatial_gate(self, l):
+        """(batch, 1, H, W) gate of the spatial attention; updates spatial.bn like nn.BatchNorm2d."""
         bn = self.spatial.bn
         use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -444,7 +449,7 @@ class HFFBlock(nn.Module):
             if bn.momentum is None:
                 momentum = 1.0 / float(bn.num_batches_tracked)
         keep_stats = not bn.training or bn.track_running_stats
-        return _ops.hff_spatial_attention(
+        return _ops.hff_spatial_gate(
             l,
             self.spatial.conv.weight,
             bn.weight,
@@ -467,9 +472,9 @@ class HFFBlock(nn.Module):
             shortcut = None
             x_f = self.gelu(self.W(self.norm2(torch.cat([w_local, w_global], dim=1))))
 
-        l = self._spatial_attention(l)
-        g = _ops.hff_channel_attention(g, self.se[0].weight, self.se[2].weight)
-
-        fused = self.residual(self.norm3(torch.cat([g, l, x_f], dim=1)))
-        fused = self.drop_path(fused)
+        spatial_gate = self._spatial_gate(l)
+        channel_gate = _ops.hff_channel_gate(g, self.se[0].weight, self.se[2].weight)
+        normed = _ops.hff_fused_tail(l, g, x_f, spatial_gate, channel_gate, self.norm3.weight, self.norm3.bias,
+                                     eps=self.norm3.eps)
+        fused = self.drop_path(self.residual(normed))
         return fused if shortcut is None else shortcut + fused

@@ -1,7 +1,8 @@
 """medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
 from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv import depthwise_conv2d
-from .hff_attention import hff_channel_attention, hff_spatial_attention
+from .hff_attention import hff_channel_attention, hff_channel_gate, hff_spatial_attention, hff_spatial_gate
+from .hff_fused_tail import hff_fused_tail
 from .selective_scan import selective_scan
 from .ss2d_scan import ss2d_scan
 
@@ -13,4 +14,7 @@ __all__ = [
     "depthwise_conv2d",
     "hff_spatial_attention",
     "hff_channel_attention",
+    "hff_spatial_gate",
+    "hff_channel_gate",
+    "hff_fused_tail",
 ]
