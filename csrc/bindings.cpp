@@ -85,11 +85,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "HFF spatial gate (or x * gate) forward on CPU (see csrc/ops.h): -> [y, batch_mean, batch_var, "
         "pooled, argmax].");
   m.def("hff_spatial_gate_bwd_cpu", &medkernels::hff_spatial_gate_bwd_cpu, ReleaseGil(),
-        "HFF spatial gate backward on CPU: -> [dx, dconv_weight, dbn_weight, dbn_bias].");
+        "HFF spatial gate backward on CPU (dx added into dx_accumulate when given): -> [dx, dconv_weight, "
+        "dbn_weight, dbn_bias].");
   m.def("hff_channel_gate_fwd_cpu", &medkernels::hff_channel_gate_fwd_cpu, ReleaseGil(),
         "HFF channel gate (or x * gate) forward on CPU: -> [y, pooled, argmax].");
   m.def("hff_channel_gate_bwd_cpu", &medkernels::hff_channel_gate_bwd_cpu, ReleaseGil(),
-        "HFF channel gate backward on CPU: -> [dx, dfc1_weight, dfc2_weight].");
+        "HFF channel gate backward on CPU (dx added into dx_accumulate when given): -> [dx, dfc1_weight, "
+        "dfc2_weight].");
   m.def("hff_fused_tail_fwd_cpu", &medkernels::hff_fused_tail_fwd_cpu, ReleaseGil(),
         "HFF fusion tail (gates, concatenation, channels-first LayerNorm) forward on CPU: -> [out, mean, rstd].");
   m.def("hff_fused_tail_bwd_cpu", &medkernels::hff_fused_tail_bwd_cpu, ReleaseGil(),

@@ -120,6 +120,15 @@ inline void hff_check_gate_grad(const char* op, c10::DeviceType device, const at
   }
 }
 
+// The gradient buffer the gates' backward adds dx into, when given: x's shape and dtype, contiguous. Returns
+// it, or a new tensor like x to write dx into.
+inline at::Tensor hff_input_grad_buffer(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                        const c10::optional<at::Tensor>& dx_accumulate) {
+  if (hff_present(dx_accumulate) == nullptr) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  hff_check_operand(*dx_accumulate, op, "dx_accumulate", x.scalar_type(), x.sizes(), "(B, C, H, W)", device);
+  return *dx_accumulate;
+}
+
 // Checks of the fusion tail's operands: l (B, C1, H, W), g (B, C2, H, W), x_f (B, Ci, H, W) of one dtype,
 // spatial_gate (B, 1, H, W), channel_gate (B, C2, 1, 1), ln_weight and ln_bias (C2 + C1 + Ci,) in the
 // accumulation dtype.

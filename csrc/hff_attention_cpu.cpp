@@ -300,10 +300,11 @@ void pixel_gate_grad(const T* grad, const T* x, int64_t B, int64_t C, int64_t HW
   });
 }
 
-// dx[b, c, p] = grad * gate (unless gate_only) + dpooled[b, 1, p] / C + dpooled[b, 0, p] at the argmax channel.
+// dx[b, c, p] (+)= grad * gate (unless gate_only) + dpooled[b, 1, p] / C + dpooled[b, 0, p] at the argmax
+// channel; added to dx's values when accumulate.
 template <typename T, typename acc_t>
 void spatial_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, const int64_t* argmax,
-                        int64_t B, int64_t C, int64_t HW, bool gate_only, T* dx) {
+                        int64_t B, int64_t C, int64_t HW, bool gate_only, bool accumulate, T* dx) {
   const acc_t inv_c = acc_t(1) / acc_t(C);
   // 32-bit channel indices, like the float lanes, so that the selects below vectorise
   std::vector<int32_t> argmax32(argmax, argmax + B * HW);
@@ -317,7 +318,13 @@ void spatial_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, 
       const acc_t* s = gate + b * HW;
       T* out = dx + row * HW;
       // the loads are unconditional so that the selects are blends
-      if (gate_only) {
+      if (gate_only && accumulate) {
+#pragma omp simd
+        for (int64_t p = 0; p < HW; ++p) {
+          const acc_t top = dmax[p];
+          out[p] = static_cast<T>(static_cast<acc_t>(out[p]) + dmean[p] * inv_c + (am[p] == c ? top : acc_t(0)));
+        }
+      } else if (gate_only) {
 #pragma omp simd
         for (int64_t p = 0; p < HW; ++p) {
           const acc_t top = dmax[p];
@@ -328,7 +335,7 @@ void spatial_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, 
 #pragma omp simd
         for (int64_t p = 0; p < HW; ++p) {
           const acc_t top = dmax[p];
-          const acc_t direct = static_cast<acc_t>(g[p]) * s[p];
+          const acc_t direct = static_cast<acc_t>(g[p]) * s[p] + (accumulate ? static_cast<acc_t>(out[p]) : acc_t(0));
           out[p] = static_cast<T>(direct + dmean[p] * inv_c + (am[p] == c ? top : acc_t(0)));
         }
       }
@@ -424,10 +431,11 @@ void channel_gate_grad(const T* grad, const T* x, int64_t rows, int64_t HW, acc_
   });
 }
 
-// dx[b, c, p] = grad * gate (unless gate_only) + dpooled[b, 1, c] / HW, plus dpooled[b, 0, c] at the argmax.
+// dx[b, c, p] (+)= grad * gate (unless gate_only) + dpooled[b, 1, c] / HW, plus dpooled[b, 0, c] at the
+// argmax; added to dx's values when accumulate.
 template <typename T, typename acc_t>
 void channel_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, const int64_t* argmax,
-                        int64_t B, int64_t C, int64_t HW, bool gate_only, T* dx) {
+                        int64_t B, int64_t C, int64_t HW, bool gate_only, bool accumulate, T* dx) {
   at::parallel_for(0, B * C, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / C, c = row % C;
@@ -435,15 +443,25 @@ void channel_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, 
       const acc_t s = gate[row];
       const T* g = gate_only ? nullptr : grad + row * HW;
       T* out = dx + row * HW;
-      if (gate_only) {
+      const int64_t a = argmax[row];
+      // the argmax element's value before this pass, for its own update below
+      const acc_t base = (accumulate ? static_cast<acc_t>(out[a]) : acc_t(0)) +
+                         (gate_only ? acc_t(0) : static_cast<acc_t>(g[a]) * s);
+      if (gate_only && accumulate) {
+#pragma omp simd
+        for (int64_t p = 0; p < HW; ++p) out[p] = static_cast<T>(static_cast<acc_t>(out[p]) + dmean);
+      } else if (gate_only) {
         for (int64_t p = 0; p < HW; ++p) out[p] = static_cast<T>(dmean);
+      } else if (accumulate) {
+#pragma omp simd
+        for (int64_t p = 0; p < HW; ++p) {
+          out[p] = static_cast<T>(static_cast<acc_t>(out[p]) + static_cast<acc_t>(g[p]) * s + dmean);
+        }
       } else {
 #pragma omp simd
         for (int64_t p = 0; p < HW; ++p) out[p] = static_cast<T>(static_cast<acc_t>(g[p]) * s + dmean);
       }
-      const int64_t a = argmax[row];
-      const acc_t direct = gate_only ? acc_t(0) : static_cast<acc_t>(g[a]) * s;
-      out[a] = static_cast<T>(direct + dmean + dpooled[b * 2 * C + c]);
+      out[a] = static_cast<T>(base + dmean + dpooled[b * 2 * C + c]);
     }
   });
 }
@@ -491,7 +509,8 @@ std::vector<at::Tensor> hff_spatial_gate_fwd_cpu(MEDKERNELS_HFF_SPATIAL_ARGS) {
 }
 
 std::vector<at::Tensor> hff_spatial_gate_bwd_cpu(const at::Tensor& grad, const at::Tensor& pooled,
-                                                 const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS) {
+                                                 const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS,
+                                                 const c10::optional<at::Tensor>& dx_accumulate) {
   const char* op = "hff_spatial_gate_bwd_cpu";
   const int k = hff_check_spatial_gate(op, c10::DeviceType::CPU, x, conv_weight, bn_weight, bn_bias,
                                        running_mean, running_var, use_batch_stats);
@@ -499,7 +518,8 @@ std::vector<at::Tensor> hff_spatial_gate_bwd_cpu(const at::Tensor& grad, const a
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   hff_check_gate_grad(op, c10::DeviceType::CPU, grad, x, gate_only, {B, 1, H, W}, "(B, 1, H, W)");
   const auto acc_opts = x.options().dtype(hff_acc_dtype(x.scalar_type()));
-  at::Tensor dx = at::empty_like(x);
+  const bool accumulate = hff_present(dx_accumulate) != nullptr;
+  at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CPU, x, dx_accumulate);
   at::Tensor dconv = at::empty_like(conv_weight);
   at::Tensor dbn_w = at::empty({1}, acc_opts), dbn_b = at::empty({1}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_cpu", [&] {
@@ -522,7 +542,8 @@ std::vector<at::Tensor> hff_spatial_gate_bwd_cpu(const at::Tensor& grad, const a
     map_backward(m, state, pooled_p, z.data(), gate.data(), dgate, dpooled.data(), dconv.mutable_data_ptr<acc_t>(),
                  dbn_w.mutable_data_ptr<acc_t>(), dbn_b.mutable_data_ptr<acc_t>());
     spatial_input_grad(gate_only ? nullptr : grad.const_data_ptr<scalar_t>(), gate.data(), dpooled.data(),
-                       argmax.const_data_ptr<int64_t>(), B, C, HW, gate_only, dx.mutable_data_ptr<scalar_t>());
+                       argmax.const_data_ptr<int64_t>(), B, C, HW, gate_only, accumulate,
+                       dx.mutable_data_ptr<scalar_t>());
   });
   return {dx, dconv, optional_grad(bn_weight, dbn_w), optional_grad(bn_bias, dbn_b)};
 }
@@ -551,7 +572,8 @@ std::vector<at::Tensor> hff_channel_gate_fwd_cpu(MEDKERNELS_HFF_CHANNEL_ARGS) {
 }
 
 std::vector<at::Tensor> hff_channel_gate_bwd_cpu(const at::Tensor& grad, const at::Tensor& pooled,
-                                                 const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS) {
+                                                 const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS,
+                                                 const c10::optional<at::Tensor>& dx_accumulate) {
   const char* op = "hff_channel_gate_bwd_cpu";
   hff_check_channel_gate(op, c10::DeviceType::CPU, x, fc1_weight, fc2_weight);
   hff_check_channel_saved(op, c10::DeviceType::CPU, x, pooled, argmax);
@@ -567,12 +589,13 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cpu(const at::Tensor& grad, const a
     });
   }
   auto mlp = hff_channel_mlp_backward(dgate, gate, pooled, fc1_weight, fc2_weight);
-  at::Tensor dx = at::empty_like(x);
+  const bool accumulate = hff_present(dx_accumulate) != nullptr;
+  at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CPU, x, dx_accumulate);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     channel_input_grad(gate_only ? nullptr : grad.const_data_ptr<scalar_t>(), gate.const_data_ptr<acc_t>(),
                        mlp[0].const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), B, C, HW, gate_only,
-                       dx.mutable_data_ptr<scalar_t>());
+                       accumulate, dx.mutable_data_ptr<scalar_t>());
   });
   return {dx, mlp[1], mlp[2]};
 }

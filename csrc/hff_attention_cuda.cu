@@ -285,13 +285,14 @@ __global__ void apply_gate_kernel(const scalar_t* __restrict__ x, const acc_t* _
   }
 }
 
-// dx = grad * gate (unless grad is null) + d mean / count + d max where the element was the maximum. Spatial
+// dx (+)= grad * gate (unless grad is null) + d mean / count + d max where the element was the maximum, added
+// to dx's values when accumulate. Spatial
 // (per_pixel): pooled over channels, dpooled (B, 2, H, W), argmax (B, H, W) channels. Channel: pooled over
 // pixels, dpooled (B, 2, C), argmax (B, C) pixels.
 template <typename scalar_t, typename acc_t>
 __global__ void gate_input_grad_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ gate,
                                        const acc_t* __restrict__ dpooled, const int64_t* __restrict__ argmax,
-                                       int64_t C, int64_t HW, int64_t total, bool per_pixel,
+                                       int64_t C, int64_t HW, int64_t total, bool per_pixel, bool accumulate,
                                        scalar_t* __restrict__ dx) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
@@ -306,6 +307,7 @@ __global__ void gate_input_grad_kernel(const scalar_t* __restrict__ grad, const 
       s = gate[row];
     }
     if (grad != nullptr) d += static_cast<acc_t>(grad[e]) * s;
+    if (accumulate) d += static_cast<acc_t>(dx[e]);
     dx[e] = static_cast<scalar_t>(d);
   }
 }
@@ -387,7 +389,8 @@ std::vector<at::Tensor> hff_spatial_gate_fwd_cuda(MEDKERNELS_HFF_SPATIAL_ARGS) {
 }
 
 std::vector<at::Tensor> hff_spatial_gate_bwd_cuda(const at::Tensor& grad, const at::Tensor& pooled,
-                                                  const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS) {
+                                                  const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS,
+                                                  const c10::optional<at::Tensor>& dx_accumulate) {
   const char* op = "hff_spatial_gate_bwd_cuda";
   const int k = hff_check_spatial_gate(op, c10::DeviceType::CUDA, x, conv_weight, bn_weight, bn_bias,
                                        running_mean, running_var, use_batch_stats);
@@ -397,7 +400,8 @@ std::vector<at::Tensor> hff_spatial_gate_bwd_cuda(const at::Tensor& grad, const 
   const c10::cuda::CUDAGuard device_guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto acc_opts = x.options().dtype(hff_acc_dtype(x.scalar_type()));
-  at::Tensor dx = at::empty_like(x);
+  const bool accumulate = hff_present(dx_accumulate) != nullptr;
+  at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CUDA, x, dx_accumulate);
   at::Tensor z = at::empty({n}, acc_opts), gate = at::empty({n}, acc_opts), dz = at::empty({n}, acc_opts);
   at::Tensor params = at::empty({4}, acc_opts), sums = at::empty({2}, acc_opts);
   at::Tensor dpooled = at::empty_like(pooled);
@@ -446,7 +450,7 @@ std::vector<at::Tensor> hff_spatial_gate_bwd_cuda(const at::Tensor& grad, const 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     gate_input_grad_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
         gate_only ? nullptr : grad.const_data_ptr<scalar_t>(), gate.const_data_ptr<acc_t>(),
-        dpooled.const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), C, HW, x.numel(), true,
+        dpooled.const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), C, HW, x.numel(), true, accumulate,
         dx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -484,7 +488,8 @@ std::vector<at::Tensor> hff_channel_gate_fwd_cuda(MEDKERNELS_HFF_CHANNEL_ARGS) {
 }
 
 std::vector<at::Tensor> hff_channel_gate_bwd_cuda(const at::Tensor& grad, const at::Tensor& pooled,
-                                                  const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS) {
+                                                  const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS,
+                                                  const c10::optional<at::Tensor>& dx_accumulate) {
   const char* op = "hff_channel_gate_bwd_cuda";
   hff_check_channel_gate(op, c10::DeviceType::CUDA, x, fc1_weight, fc2_weight);
   hff_check_channel_saved(op, c10::DeviceType::CUDA, x, pooled, argmax);
@@ -503,12 +508,13 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cuda(const at::Tensor& grad, const 
     });
   }
   auto mlp = hff_channel_mlp_backward(dgate, gate, pooled, fc1_weight, fc2_weight);
-  at::Tensor dx = at::empty_like(x);
+  const bool accumulate = hff_present(dx_accumulate) != nullptr;
+  at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CUDA, x, dx_accumulate);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_channel_gate_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gate_input_grad_kernel<scalar_t, acc_t><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
         gate_only ? nullptr : grad.const_data_ptr<scalar_t>(), gate.const_data_ptr<acc_t>(),
-        mlp[0].const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), C, HW, x.numel(), false,
+        mlp[0].const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), C, HW, x.numel(), false, accumulate,
         dx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -4,20 +4,22 @@ Launchers (contracts of csrc/ops.h; contiguous tensors; ``acc`` = float32, float
 
 * ``hff_spatial_gate_fwd(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
   gate_only) -> [y, batch_mean, batch_var, pooled, argmax]``
-* ``hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, ...same...) -> [dx, dconv_weight, dbn_weight,
-  dbn_bias]``
+* ``hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, ...same..., dx_accumulate=None) -> [dx,
+  dconv_weight, dbn_weight, dbn_bias]``
 * ``hff_channel_gate_fwd(x, fc1_weight, fc2_weight, gate_only) -> [y, pooled, argmax]``
-* ``hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only) -> [dx, dfc1, dfc2]``
+* ``hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only, dx_accumulate=None)
+  -> [dx, dfc1, dfc2]``
 
 x (B, C, H, W) of dtype float16/bfloat16/float32/float64; y = x * gate in x's dtype, or the gate in acc
-((B, 1, H, W) spatial, (B, C, 1, 1) channel) when ``gate_only``.
+((B, 1, H, W) spatial, (B, C, 1, 1) channel) when ``gate_only``. With ``dx_accumulate`` (x's shape and dtype)
+the backward adds dx into it in place and returns it.
 
 Design. The passes over x are Triton kernels: the pooling (max, first argmax and mean in one pass, over the
 channels of a block of pixels for the spatial gate, over the pixels of a block of (b, c) rows for the
 channel gate), the gate multiply, d loss / d gate (sum of grad * x) and dx (grad * gate plus the pooling's
 gradient) in one pass each. The 7x7 convolution of the (B, 2, H, W) map and its adjoints are Triton kernels
-(one program per image and block of pixels, the taps unrolled; the weight gradient as per-program partials
-summed in a fixed order). What acts on the small map or the pooled (B, 2, C) vectors as a whole — the
+(one program per image and block of pixels, gathering each input plane's taps as one (taps, pixels) tile;
+the weight gradient as per-program partials summed in a fixed order). What acts on the small map or the pooled (B, 2, C) vectors as a whole — the
 BatchNorm's statistics and affine, the sigmoid, the channel MLP — is a handful of torch ops on those small
 tensors. Every reduction has a fixed order: no atomics.
 
@@ -101,31 +103,41 @@ def _pixel_pool_kernel(x_ptr, pooled_ptr, argmax_ptr, R, C, HW, ACC: tl.constexp
 
 
 @triton.jit
-def _map_conv_kernel(pooled_ptr, w_ptr, z_ptr, H, W, K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
-    # program (b, block of pixels): z = the 2 -> 1 channel K x K convolution (zero padding K // 2)
+def _taps(K: tl.constexpr, TAPS: tl.constexpr):
+    """Taps t < TAPS (a power of two >= K * K) of one input plane: row offset i - K // 2, column offset
+    j - K // 2 and whether t is a real tap."""
+    t = tl.arange(0, TAPS)
+    return t // K - K // 2, t % K - K // 2, t < K * K
+
+
+@triton.jit
+def _map_conv_kernel(pooled_ptr, w_ptr, z_ptr, H, W, K: tl.constexpr, TAPS: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    # program (b, block of pixels): z = the 2 -> 1 channel K x K convolution (zero padding K // 2), each plane's
+    # taps gathered as one (TAPS, BLOCK_P) tile
     b = tl.program_id(0).to(tl.int64)
     HW = H * W
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
     h = p // W
     w = p - h * W
+    di, dj, real = _taps(K, TAPS)
+    hh = h[None, :] + di[:, None]
+    ww = w[None, :] + dj[:, None]
+    ok = real[:, None] & pmask[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
     acc = tl.zeros([BLOCK_P], ACC)
     for c in tl.static_range(2):
-        for i in tl.static_range(K):
-            hh = h + (i - K // 2)
-            for j in tl.static_range(K):
-                ww = w + (j - K // 2)
-                ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                tap = tl.load(w_ptr + (c * K + i) * K + j)
-                acc += tap * tl.load(pooled_ptr + (b * 2 + c) * HW + hh * W + ww, mask=ok, other=0.0)
+        src = tl.load(pooled_ptr + (b * 2 + c) * HW + hh * W + ww, mask=ok, other=0.0)
+        taps = tl.load(w_ptr + c * K * K + tl.arange(0, TAPS), mask=real, other=0.0)
+        acc += tl.sum(src * taps[:, None], axis=0)
     tl.store(z_ptr + b * HW + p, acc, mask=pmask)
 
 
 @triton.jit
 def _map_conv_bwd_kernel(dz_ptr, pooled_ptr, w_ptr, dpooled_ptr, dw_part_ptr, H, W, K: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_P: tl.constexpr):
+                         TAPS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
     # program (b, block of pixels): dpooled = transposed convolution of dz at the block's pixels, and the
-    # block's share of d loss / d weight (one partial per program and tap)
+    # block's share of d loss / d weight (one partial per program and tap), taps gathered as (TAPS, BLOCK_P)
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     HW = H * W
@@ -133,23 +145,20 @@ def _map_conv_bwd_kernel(dz_ptr, pooled_ptr, w_ptr, dpooled_ptr, dw_part_ptr, H,
     pmask = p < HW
     h = p // W
     w = p - h * W
+    di, dj, real = _taps(K, TAPS)
     dz = tl.load(dz_ptr + b * HW + p, mask=pmask, other=0.0)
+    h_out, w_out = h[None, :] - di[:, None], w[None, :] - dj[:, None]
+    ok_out = real[:, None] & pmask[None, :] & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
+    dz_out = tl.load(dz_ptr + b * HW + h_out * W + w_out, mask=ok_out, other=0.0)
+    h_in, w_in = h[None, :] + di[:, None], w[None, :] + dj[:, None]
+    ok_in = real[:, None] & pmask[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
     part_row = (b * tl.num_programs(1) + blk) * (2 * K * K)
     for c in tl.static_range(2):
-        dmap = tl.zeros([BLOCK_P], ACC)
-        for i in tl.static_range(K):
-            h_out = h - (i - K // 2)
-            h_in = h + (i - K // 2)
-            for j in tl.static_range(K):
-                w_out = w - (j - K // 2)
-                w_in = w + (j - K // 2)
-                tap = tl.load(w_ptr + (c * K + i) * K + j)
-                ok_out = pmask & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
-                dmap += tap * tl.load(dz_ptr + b * HW + h_out * W + w_out, mask=ok_out, other=0.0)
-                ok_in = pmask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-                src = tl.load(pooled_ptr + (b * 2 + c) * HW + h_in * W + w_in, mask=ok_in, other=0.0)
-                tl.store(dw_part_ptr + part_row + (c * K + i) * K + j, tl.sum(dz * src, axis=0))
-        tl.store(dpooled_ptr + (b * 2 + c) * HW + p, dmap, mask=pmask)
+        taps = tl.load(w_ptr + c * K * K + tl.arange(0, TAPS), mask=real, other=0.0)
+        tl.store(dpooled_ptr + (b * 2 + c) * HW + p, tl.sum(dz_out * taps[:, None], axis=0), mask=pmask)
+        src = tl.load(pooled_ptr + (b * 2 + c) * HW + h_in * W + w_in, mask=ok_in, other=0.0)
+        tl.store(dw_part_ptr + part_row + c * K * K + tl.arange(0, TAPS), tl.sum(src * dz[None, :], axis=1),
+                 mask=real)
 
 
 @triton.jit
@@ -202,10 +211,10 @@ def _pixel_dot_kernel(grad_ptr, x_ptr, out_ptr, R, HW, ACC: tl.constexpr, BLOCK_
 
 @triton.jit
 def _gate_input_grad_kernel(grad_ptr, gate_ptr, dpooled_ptr, argmax_ptr, dx_ptr, R, C, HW,
-                            PER_PIXEL: tl.constexpr, GATE_ONLY: tl.constexpr, ACC: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    # program (block of (b, c) rows, block of pixels): dx = grad * gate (unless GATE_ONLY) + d mean / count +
-    # d max where this element was the pooled maximum
+                            PER_PIXEL: tl.constexpr, GATE_ONLY: tl.constexpr, ACCUMULATE: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    # program (block of (b, c) rows, block of pixels): dx (+)= grad * gate (unless GATE_ONLY) + d mean / count +
+    # d max where this element was the pooled maximum (added to dx's values when ACCUMULATE)
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = row < R
@@ -226,6 +235,8 @@ def _gate_input_grad_kernel(grad_ptr, gate_ptr, dpooled_ptr, argmax_ptr, dx_ptr,
     d = dmean + tl.where(hit, dmax, 0.0)
     if not GATE_ONLY:
         d += tl.load(grad_ptr + row[:, None] * HW + p[None, :], mask=m, other=0.0).to(ACC) * s
+    if ACCUMULATE:
+        d += tl.load(dx_ptr + row[:, None] * HW + p[None, :], mask=m, other=0.0).to(ACC)
     _store_as(dx_ptr + row[:, None] * HW + p[None, :], d, m)
 
 
@@ -263,7 +274,7 @@ def _check_gate_grad(op, grad, x, gate_only, gate_shape, layout):
 
 
 def _rows_pixels_grid(R, HW):
-    block_r, block_p = _tile(R, 8, 64), _tile(HW, 128, 1024)
+    block_r, block_p = _tile(R, 8, 256), _tile(HW, 128, 1024)
     return block_r, block_p, (triton.cdiv(R, block_r), triton.cdiv(HW, block_p))
 
 
@@ -276,13 +287,17 @@ def _apply_gate(x, gate, per_pixel):
     return out
 
 
-def _gate_input_grad(grad, gate, dpooled, argmax, x, per_pixel, gate_only):
+def _gate_input_grad(op, grad, gate, dpooled, argmax, x, per_pixel, gate_only, dx_accumulate):
     B, C, H, W = x.shape
-    dx = torch.empty_like(x)
+    if dx_accumulate is None:
+        dx = torch.empty_like(x)
+    else:
+        check_tensor(dx_accumulate, op, "dx_accumulate", x.shape, "(B, C, H, W)", x.dtype, x.device)
+        dx = dx_accumulate
     block_r, block_p, grid = _rows_pixels_grid(B * C, H * W)
     launch(_gate_input_grad_kernel, grid, x.device, dx if gate_only else grad, gate, dpooled, argmax, dx,
-           B * C, C, H * W, PER_PIXEL=per_pixel, GATE_ONLY=gate_only, ACC=_tl_acc(x), BLOCK_R=block_r,
-           BLOCK_P=block_p)
+           B * C, C, H * W, PER_PIXEL=per_pixel, GATE_ONLY=gate_only, ACCUMULATE=dx_accumulate is not None,
+           ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
     return dx
 
 
@@ -309,9 +324,9 @@ def _check_spatial(op, x, conv_weight, bn_weight, bn_bias, running_mean, running
 def _map_conv(pooled, weight, k):
     B, _, H, W = pooled.shape
     z = torch.empty((B, H, W), dtype=pooled.dtype, device=pooled.device)
-    block_p = _tile(H * W, 128, 1024)
+    block_p = _tile(H * W, 32, 1024)
     launch(_map_conv_kernel, (B, triton.cdiv(H * W, block_p)), pooled.device, pooled, weight, z, H, W, K=k,
-           ACC=_tl_acc(pooled), BLOCK_P=block_p)
+           TAPS=triton.next_power_of_2(k * k), ACC=_tl_acc(pooled), BLOCK_P=block_p)
     return z
 
 
@@ -342,7 +357,7 @@ def hff_spatial_gate_fwd(x, conv_weight, bn_weight, bn_bias, running_mean, runni
     B, C, H, W = x.shape
     pooled = torch.empty((B, 2, H, W), dtype=_acc(x), device=x.device)
     argmax = torch.empty((B, H, W), dtype=torch.int64, device=x.device)
-    block_c, block_p = _tile(C, 16, 128), _tile(H * W, 128, 1024)
+    block_c, block_p = _tile(C, 16, 512), _tile(H * W, 128, 1024)
     launch(_channel_pool_kernel, (B, triton.cdiv(H * W, block_p)), x.device, x, pooled, argmax, C, H * W,
            ACC=_tl_acc(x), BLOCK_C=block_c, BLOCK_P=block_p)
     z = _map_conv(pooled, conv_weight, k)
@@ -354,7 +369,7 @@ def hff_spatial_gate_fwd(x, conv_weight, bn_weight, bn_bias, running_mean, runni
 
 
 def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-                         use_batch_stats, eps, gate_only):
+                         use_batch_stats, eps, gate_only, dx_accumulate=None):
     """-> [dx, dconv_weight, dbn_weight, dbn_bias] (None for absent BatchNorm parameters)."""
     op = "hff_spatial_gate_bwd"
     k = _check_spatial(op, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats)
@@ -370,7 +385,7 @@ def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bia
         dgate = grad.reshape(B, H, W)
     else:
         dgate = torch.empty((B, H, W), dtype=_acc(x), device=x.device)
-        block_c, block_p = _tile(C, 16, 128), _tile(HW, 128, 1024)
+        block_c, block_p = _tile(C, 16, 512), _tile(HW, 128, 1024)
         launch(_channel_dot_kernel, (B, triton.cdiv(HW, block_p)), x.device, grad, x, dgate, C, HW,
                ACC=_tl_acc(x), BLOCK_C=block_c, BLOCK_P=block_p)
     # the BatchNorm's backward on the small map (batch statistics depend on every pixel)
@@ -380,12 +395,12 @@ def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bia
     dz = dy - (sum_dy + zhat * sum_dy_zhat) / z.numel() if use_batch_stats else dy
     dz = (dz * scale).contiguous()
     dpooled = torch.empty_like(pooled)
-    block_p = _tile(HW, 128, 1024)
+    block_p = _tile(HW, 32, 1024)
     blocks = triton.cdiv(HW, block_p)
     dw_part = torch.empty((B * blocks, 2 * k * k), dtype=_acc(x), device=x.device)
     launch(_map_conv_bwd_kernel, (B, blocks), x.device, dz, pooled, conv_weight, dpooled, dw_part, H, W, K=k,
-           ACC=_tl_acc(x), BLOCK_P=block_p)
-    dx = _gate_input_grad(grad, gate, dpooled, argmax, x, True, gate_only)
+           TAPS=triton.next_power_of_2(k * k), ACC=_tl_acc(x), BLOCK_P=block_p)
+    dx = _gate_input_grad(op, grad, gate, dpooled, argmax, x, True, gate_only, dx_accumulate)
     dbn_weight = None if bn_weight is None else sum_dy_zhat.reshape(1)
     dbn_bias = None if bn_bias is None else sum_dy.reshape(1)
     return [dx, dw_part.sum(dim=0).reshape(1, 2, k, k), dbn_weight, dbn_bias]
@@ -417,7 +432,7 @@ def hff_channel_gate_fwd(x, fc1_weight, fc2_weight, gate_only):
     B, C, H, W = x.shape
     pooled = torch.empty((B, 2, C), dtype=_acc(x), device=x.device)
     argmax = torch.empty((B, C), dtype=torch.int64, device=x.device)
-    block_r, block_p = _tile(B * C, 8, 64), _tile(H * W, 256, 1024)
+    block_r, block_p = _tile(B * C, 8, 256), _tile(H * W, 256, 1024)
     launch(_pixel_pool_kernel, (triton.cdiv(B * C, block_r), 1), x.device, x, pooled, argmax, B * C, C, H * W,
            ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
     gate = _mlp_gate(pooled, fc1_weight, fc2_weight).contiguous()
@@ -425,7 +440,7 @@ def hff_channel_gate_fwd(x, fc1_weight, fc2_weight, gate_only):
     return [y, pooled, argmax]
 
 
-def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
+def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only, dx_accumulate=None):
     """-> [dx, dfc1_weight, dfc2_weight]."""
     op = "hff_channel_gate_bwd"
     _check_channel(op, x, fc1_weight, fc2_weight)
@@ -440,7 +455,7 @@ def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_o
         dgate = grad.reshape(B, C)
     else:
         dgate = torch.empty((B, C), dtype=_acc(x), device=x.device)
-        block_r, block_p = _tile(B * C, 8, 64), _tile(H * W, 256, 1024)
+        block_r, block_p = _tile(B * C, 8, 256), _tile(H * W, 256, 1024)
         launch(_pixel_dot_kernel, (triton.cdiv(B * C, block_r), 1), x.device, grad, x, dgate, B * C, H * W,
                ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
     dlogit = dgate * gate * (1 - gate)
@@ -448,5 +463,5 @@ def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_o
     dpre = (dlogit @ fc2_weight).unsqueeze(1) * (pre > 0)
     dfc1 = dpre.reshape(2 * B, -1).t() @ pooled.reshape(2 * B, C)
     dpooled = (dpre @ fc1_weight).contiguous()
-    dx = _gate_input_grad(grad, gate, dpooled, argmax, x, False, gate_only)
+    dx = _gate_input_grad(op, grad, gate, dpooled, argmax, x, False, gate_only, dx_accumulate)
     return [dx, dfc1, dfc2]

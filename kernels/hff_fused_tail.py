@@ -159,7 +159,7 @@ def _check(op, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias):
 
 
 def _blocks(CT, HW):
-    return _tile(CT, 32, 128), _tile(HW, 64, 512)
+    return _tile(CT, 32, 512), _tile(HW, 64, 512)
 
 
 def hff_fused_tail_fwd(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps):

@@ -6,8 +6,8 @@ and the channels-first LayerNorm (norm3), in training mode (the spatial BatchNor
 updating its running ones). Providers, side by side in one run and on the same inputs:
 
 * ``eager``: the same computation in plain eager PyTorch as the official HiFuse code writes it (the baseline);
-* ``ref``, ``cpu``, ``cuda``, ``triton``: medkernels' ``hff_spatial_gate`` + ``hff_channel_gate`` +
-  ``hff_fused_tail`` on that backend (``ref`` being their pure-PyTorch references);
+* ``ref``, ``cpu``, ``cuda``, ``triton``: medkernels' ``hff_attention_tail`` (the spatial and channel gates
+  and the fusion tail in one op) on that backend (``ref`` being its pure-PyTorch reference);
 * ``compile`` (CUDA): ``torch.compile`` of the eager computation.
 
 Shapes: HiFuse-T's four HFF scales (ch_1 = ch_2 = ch_int = C: 96 at 56x56 down to 768 at 7x7, r = 16), batch 8
@@ -70,11 +70,10 @@ def eager_attention_tail(t):
 
 
 def fused_attention_tail(t):
-    """The same with medkernels' fused ops (on the backend in use)."""
-    sg = ops.hff_spatial_gate(t["l"], t["conv_weight"], t["bn_weight"], t["bn_bias"], t["running_mean"],
-                              t["running_var"], True)
-    cg = ops.hff_channel_gate(t["g"], t["fc1_weight"], t["fc2_weight"])
-    return ops.hff_fused_tail(t["l"], t["g"], t["x_f"], sg, cg, t["ln_weight"], t["ln_bias"])
+    """The same with medkernels' fused op (on the backend in use)."""
+    return ops.hff_attention_tail(t["l"], t["g"], t["x_f"], t["conv_weight"], t["bn_weight"], t["bn_bias"],
+                                  t["running_mean"], t["running_var"], True, t["fc1_weight"], t["fc2_weight"],
+                                  t["ln_weight"], t["ln_bias"])
 
 
 _DIFFERENTIABLE = ("l", "g", "x_f", "conv_weight", "bn_weight", "bn_bias", "fc1_weight", "fc2_weight", "ln_weight",
@@ -190,16 +189,18 @@ def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, siz
     return rows
 
 
-def bench_hff(device, time_call, warmup, repeats, quick=True):
+def bench_hff(device, time_call, warmup, repeats, quick=True, scales=SCALES, batch=None):
     """Rows {"op", "pass", "provider", "shape", "max_abs_err_vs_ref", "median_s", "min_s", "max_s", "repeats",
-    "baseline", "speedup"}: the fused attention + tail at the four HFF scales, forward and forward+backward, and
-    the whole HFFBlock forward+backward (at the first scale only when `quick`)."""
-    batch = 64 if device.type == "cuda" else 8
+    "baseline", "speedup"}: the fused attention + tail at each (channels, size) of `scales` (HiFuse's four HFF
+    scales by default), forward and forward+backward, and the whole HFFBlock forward+backward (at the first
+    scale only and with half the repeats when `quick`: it takes seconds a step). `batch` defaults to 8 on CPU,
+    64 on CUDA."""
+    batch = batch or (64 if device.type == "cuda" else 8)
     rows = []
     for dtype in _gpu_dtypes(device):
-        for channels, size in SCALES:
+        for channels, size in scales:
             rows += _bench_attention_tail(device, time_call, warmup, repeats, dtype, batch, channels, size)
-        for channels, size in SCALES[:1] if quick else SCALES:
+        for channels, size in scales[:1] if quick else scales:
             rows += _bench_block(device, time_call, warmup, max(1, repeats // 2) if quick else repeats, dtype, batch,
                                  channels, size)
     _ratios(rows)

@@ -7,6 +7,7 @@ import torch
 import medkernels
 from medkernels import _ext
 from medkernels.ops import (
+    hff_attention_tail,
     hff_channel_attention,
     hff_channel_gate,
     hff_fused_tail,
@@ -19,6 +20,7 @@ from medkernels.ops.hff_attention_ref import (
     hff_spatial_attention_ref,
     hff_spatial_gate_ref,
 )
+from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
 
 from hff_utils import DTYPE_TOLERANCES, assert_close_scaled, channels_last_like, rand, randn
@@ -47,11 +49,6 @@ def _spatial_params(seed, k=7):
             randn((1,), seed + 2, scale=0.5)]
 
 
-def _kernel_size(backend):
-    """HiFuse's 7x7, but 3x3 under Triton's interpreter (the taps are unrolled: 98 of them cost seconds there;
-    the HFFBlock tests run the 7x7 on every backend)."""
-    return 3 if backend == "triton" else 7
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gate_only", [True, False], ids=["gate", "attention"])
@@ -63,7 +60,7 @@ def test_spatial_matches_reference(device_backend, dtype, gate_only, training):
     x64 = randn(shape, 0, scale=2.0, shift=0.5)
     stats64 = [randn((1,), 4, scale=0.1), rand((1,), 5, low=1.0, high=2.0)]
     x = channels_last_like(x64.to(dtype)).to(device).requires_grad_(True)
-    params64 = _spatial_params(1, _kernel_size(backend))
+    params64 = _spatial_params(1)
     params = _leaves(params64, dtype, device)
     running = [s.to(device=device, dtype=dtype).clone() for s in stats64]
     fn = hff_spatial_gate if gate_only else hff_spatial_attention
@@ -89,8 +86,7 @@ def test_spatial_matches_reference(device_backend, dtype, gate_only, training):
 def test_spatial_without_bn_affine_or_running_stats(cpu_backend):
     shape = _shape(cpu_backend)
     x = randn(shape, 10, torch.float32).requires_grad_(True)
-    k = 3 if cpu_backend == "triton" else 5
-    cw = randn((1, 2, k, k), 11, torch.float32, scale=0.3).requires_grad_(True)
+    cw = randn((1, 2, 5, 5), 11, torch.float32, scale=0.3).requires_grad_(True)
     with medkernels.use_backend(cpu_backend):
         out = hff_spatial_gate(x, cw, None, None, None, None, training=False)
         got = _grads(out, [x, cw], 12)
@@ -157,6 +153,74 @@ def test_fused_tail_matches_reference(device_backend, dtype):
         assert_close_scaled(a, bb, tol, f"grad {name}")
 
 
+# ---- the combined op (HFFBlock's path) ------------------------------------------------------------------------
+
+def _attention_tail_case(backend, dtype, seed=90):
+    """(features l, g, x_f; weights conv, bn weight, bn bias, fc1, fc2, ln weight, ln bias; running stats)."""
+    B, C, H, W = _shape(backend)
+    C1, C2, Ci = C, C + 3, C - 2
+    features = [channels_last_like(randn((B, C1, H, W), seed, dtype, scale=2.0, shift=0.4)),
+                randn((B, 2 * C2, H, W), seed + 1, dtype)[:, ::2], randn((B, Ci, H, W), seed + 2, dtype, scale=0.5)]
+    weights = _spatial_params(seed + 3) + [
+        randn((2, C2, 1, 1), seed + 6, scale=0.5), randn((C2, 2, 1, 1), seed + 7, scale=0.5),
+        randn((C1 + C2 + Ci,), seed + 8, scale=0.3, shift=1.0), randn((C1 + C2 + Ci,), seed + 9, scale=0.2)]
+    stats = [randn((1,), seed + 10, scale=0.1), rand((1,), seed + 11, low=1.0, high=2.0)]
+    return features, [w.to(dtype) for w in weights], [s.to(dtype) for s in stats]
+
+
+def _call_attention_tail(features, weights, stats, training, fn=hff_attention_tail):
+    cw, bw, bb, w1, w2, lnw, lnb = weights
+    return fn(*features, cw, bw, bb, *stats, training, w1, w2, lnw, lnb, momentum=0.2, bn_eps=1e-4, ln_eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_attention_tail_matches_reference(device_backend, dtype, training):
+    device, backend = device_backend
+    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    features, weights, stats = _attention_tail_case(backend, dtype)
+    features = _leaves(features, None, device)
+    weights = _leaves(weights, None, device)
+    running = [s.to(device).clone() for s in stats]
+    with medkernels.use_backend(backend):
+        out = _call_attention_tail(features, weights, running, training)
+        got = _grads(out, features + weights, 91)
+    features_r = [t.detach().double().cpu().requires_grad_(True) for t in features]
+    weights_r = [t.detach().double().cpu().requires_grad_(True) for t in weights]
+    cw, bw, bb, w1, w2, lnw, lnb = weights_r
+    expected, batch_mean, batch_var = hff_attention_tail_ref(*features_r, cw, bw, bb, *[s.double() for s in stats],
+                                                             training, 1e-4, w1.flatten(1), w2.flatten(1), lnw, lnb, 1e-6)
+    want = _grads(expected, features_r + weights_r, 91)
+    assert out.dtype == dtype
+    assert_close_scaled(out, expected, out_tol, "output")
+    names = ("l", "g", "x_f", "conv_weight", "bn_weight", "bn_bias", "fc1_weight", "fc2_weight", "ln_weight", "ln_bias")
+    for name, a, b in zip(names, got, want):
+        tol = grad_tol if name in ("l", "g", "x_f") else grad_tol * 4  # sums over every pixel
+        assert_close_scaled(a, b, tol, f"grad {name}")
+    for s, s0, batch in zip(running, stats, (batch_mean, batch_var)):
+        assert_close_scaled(s, s0.double() * 0.8 + 0.2 * batch if training else s0.double(), out_tol, "running stat")
+
+
+def _three_ops(l, g, x_f, cw, bw, bb, rm, rv, training, w1, w2, lnw, lnb, momentum, bn_eps, ln_eps):
+    sg = hff_spatial_gate(l, cw, bw, bb, rm, rv, training, momentum=momentum, eps=bn_eps)
+    return hff_fused_tail(l, g, x_f, sg, hff_channel_gate(g, w1, w2), lnw, lnb, eps=ln_eps)
+
+
+def test_attention_tail_is_the_three_ops(cpu_backend):
+    """The combined op and hff_spatial_gate + hff_channel_gate + hff_fused_tail compute the same on one backend
+    (only the order of the additions into dl and dg differs)."""
+    features, weights, stats = _attention_tail_case(cpu_backend, torch.float32, seed=95)
+    results = []
+    for fn in (hff_attention_tail, _three_ops):
+        inputs = [t.clone().requires_grad_(True) for t in features + weights]
+        running = [s.clone() for s in stats]
+        with medkernels.use_backend(cpu_backend):
+            out = _call_attention_tail(inputs[:3], inputs[3:], running, True, fn)
+            results.append([out, *running, *_grads(out, inputs, 96)])
+    for a, b in zip(*results):
+        assert_close_scaled(a, b, 1e-6, "combined vs three ops")
+
+
 # ---- the pooling's maxima ----------------------------------------------------------------------------------
 
 def test_max_ties_route_to_the_first_index(device_backend):
@@ -164,7 +228,7 @@ def test_max_ties_route_to_the_first_index(device_backend):
     device, backend = device_backend
     shape = _shape(backend)
     x64 = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(40)).double()
-    cw, bw, bb = _spatial_params(41, _kernel_size(backend))
+    cw, bw, bb = _spatial_params(41)
     w1, w2 = randn((2, shape[1]), 42, scale=0.5), randn((shape[1], 2), 43, scale=0.5)
     x = x64.float().to(device).requires_grad_(True)
     with medkernels.use_backend(backend):
@@ -227,6 +291,8 @@ def _opcheck_calls():
         "spatial_gate_train": (ops.hff_spatial_attention_fwd, (r(2, 3, 5, 4, seed=60), r(1, 2, 3, 3, seed=61), r(1, seed=62), r(1, seed=63), None, None, True, 1e-5), True),
         "spatial_gate_eval": (ops.hff_spatial_attention_fwd, (r(2, 3, 5, 4, seed=64), r(1, 2, 3, 3, seed=65), None, r(1, seed=66), r(1, seed=67), r(1, seed=68).abs() + 1, False, 1e-5), True),
         "channel_gate": (ops.hff_channel_attention_fwd, (r(2, 6, 3, 4, seed=69), r(2, 6, seed=70), r(6, 2, seed=71)), True),
+        "attention_tail_train": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=84), r(2, 4, 4, 3, seed=85), r(2, 2, 4, 3, seed=86), r(1, 2, 3, 3, seed=87), r(1, seed=88), None, None, None, True, 1e-5, r(2, 4, seed=89), r(4, 2, seed=90), r(9, seed=91), r(9, seed=92), 1e-6), None),
+        "attention_tail_eval": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=93), r(2, 4, 4, 3, seed=94), r(2, 2, 4, 3, seed=95), r(1, 2, 3, 3, seed=96), None, r(1, seed=97), r(1, seed=98), r(1, seed=99).abs() + 1, False, 1e-5, r(2, 4, seed=100), r(4, 2, seed=101), r(9, seed=102), r(9, seed=103), 1e-6), None),
         "fused_tail": (ops.hff_fused_tail_fwd, (r(2, 3, 4, 3, seed=72), r(2, 2, 4, 3, seed=73), r(2, 4, 4, 3, seed=74), r(2, 1, 4, 3, seed=75), r(2, 2, 1, 1, seed=76), r(9, seed=77), r(9, seed=78), 1e-6), None),
     }
 
@@ -240,7 +306,7 @@ def test_opcheck(cpu_backend, name):
 
 def test_hff_path_compiles_without_graph_breaks(cpu_backend):
     x = randn((2, 4, 5, 3), 80, torch.float32).requires_grad_(True)
-    cw, bw, bb = [t.float() for t in _spatial_params(81, _kernel_size(cpu_backend))]
+    cw, bw, bb = [t.float() for t in _spatial_params(81)]
     w1, w2 = randn((2, 4), 82, torch.float32), randn((4, 2), 83, torch.float32)
     lnw, lnb = torch.ones(12), torch.zeros(12)
 
@@ -256,6 +322,15 @@ def test_hff_path_compiles_without_graph_breaks(cpu_backend):
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------
+
+def _attention_tail_call(**changes):
+    args = {"l": torch.zeros(2, 3, 4, 5), "g": torch.zeros(2, 2, 4, 5), "x_f": torch.zeros(2, 4, 4, 5),
+            "conv_weight": torch.zeros(1, 2, 7, 7), "bn_weight": None, "bn_bias": None, "running_mean": None,
+            "running_var": None, "training": True, "fc1_weight": torch.zeros(1, 2), "fc2_weight": torch.zeros(2, 1),
+            "ln_weight": torch.ones(9), "ln_bias": torch.zeros(9)}
+    args.update(changes)
+    return hff_attention_tail(**args)
+
 
 def _tail_args(**changes):
     args = {"l": torch.zeros(2, 3, 4, 5), "g": torch.zeros(2, 2, 4, 5), "x_f": torch.zeros(2, 4, 4, 5),
@@ -280,6 +355,12 @@ def _tail_args(**changes):
         pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 0, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True), ValueError, "x", id="spatial-gate-no-channels"),
         pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7, dtype=torch.int64), None, None, None, None, True), TypeError, "conv_weight", id="spatial-gate-int-weight"),
         pytest.param(lambda: hff_channel_gate(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 3, 1), torch.zeros(8, 2)), ValueError, "fc1_weight", id="channel-gate-fc1-shape"),
+        pytest.param(lambda: _attention_tail_call(g=torch.zeros(2, 4, 4, 5)), ValueError, "fc1_weight", id="attention-tail-g-channels"),
+        pytest.param(lambda: _attention_tail_call(l=torch.zeros(2, 3, 4)), ValueError, "l", id="attention-tail-l-rank"),
+        pytest.param(lambda: _attention_tail_call(x_f=torch.zeros(2, 4, 4, 5, dtype=torch.float16)), TypeError, "x_f", id="attention-tail-x_f-dtype"),
+        pytest.param(lambda: _attention_tail_call(conv_weight=torch.zeros(1, 2, 7, 7, dtype=torch.int32)), TypeError, "conv_weight", id="attention-tail-int-conv"),
+        pytest.param(lambda: _attention_tail_call(ln_weight=torch.ones(10)), ValueError, "ln_weight", id="attention-tail-ln-shape"),
+        pytest.param(lambda: _attention_tail_call(fc2_weight=torch.zeros(2, 1, device="meta")), ValueError, "device", id="attention-tail-mixed-devices"),
     ],
 )
 def test_bad_inputs(call, exc, word):
@@ -302,7 +383,9 @@ def _compiled():
         pytest.param(lambda m: m.hff_spatial_gate_fwd_cpu(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, False, 1e-5, True), ValueError, "running_mean", id="spatial-eval-no-stats"),
         pytest.param(lambda m: m.hff_spatial_gate_fwd_cpu(torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 2, 7, 7), None, None, None, None, True, 1e-5, True), TypeError, "x", id="spatial-int-x"),
         pytest.param(lambda m: m.hff_channel_gate_fwd_cpu(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(7, 2), True), ValueError, "fc2_weight", id="channel-fc2-shape"),
-        pytest.param(lambda m: m.hff_channel_gate_bwd_cpu(torch.zeros(2, 8, 1, 1), torch.zeros(2, 2, 8), torch.zeros(2, 8, dtype=torch.int32), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(8, 2), True), TypeError, "argmax", id="channel-argmax-dtype"),
+        pytest.param(lambda m: m.hff_channel_gate_bwd_cpu(torch.zeros(2, 8, 1, 1), torch.zeros(2, 2, 8), torch.zeros(2, 8, dtype=torch.int32), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(8, 2), True, None), TypeError, "argmax", id="channel-argmax-dtype"),
+        pytest.param(lambda m: m.hff_channel_gate_bwd_cpu(torch.zeros(2, 8, 1, 1), torch.zeros(2, 2, 8), torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(8, 2), True, torch.zeros(2, 8, 4, 4, dtype=torch.float64)), TypeError, "dx_accumulate", id="channel-accumulate-dtype"),
+        pytest.param(lambda m: m.hff_spatial_gate_bwd_cpu(torch.zeros(2, 1, 4, 4), torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.int64), torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True, 1e-5, True, torch.zeros(2, 3, 4, 5)), ValueError, "dx_accumulate", id="spatial-accumulate-shape"),
     ],
 )
 def test_cpu_kernels_reject_bad_operands(call, exc, word):

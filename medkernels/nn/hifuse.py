@@ -414,8 +414,8 @@ class HFFBlock(nn.Module):
     code that applies the sigmoid twice does not reproduce them);
     out = shortcut + drop_path(IRMLP(norm3(cat[g', l', X_f]))).
 
-    The attentions run as gates (``hff_spatial_gate`` (B, 1, H, W), ``hff_channel_gate`` (B, ch_2, 1, 1))
-    and ``hff_fused_tail`` applies them while concatenating and normalising (norm3), so neither l', g'
+    ``hff_attention_tail`` computes norm3(cat[g', l', X_f]) in one op from l, g and X_f: the attentions
+    run as gates that the fusion kernel applies while concatenating and normalising, so neither l', g'
     nor the concatenation is materialised.
     """
 
@@ -439,8 +439,9 @@ class HFFBlock(nn.Module):
         self.residual = IRMLP(ch_1 + ch_2 + ch_int, ch_out)
         self.drop_path = _maybe_drop_path(drop_rate)
 
-    def _spatial_gate(self, l):
-        """(batch, 1, H, W) gate of the spatial attention; updates spatial.bn like nn.BatchNorm2d."""
+    def _spatial_bn_arguments(self, l):
+        """The spatial BatchNorm's (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) as
+        nn.BatchNorm2d would use them in this mode (counting the batch when it tracks statistics)."""
         bn = self.spatial.bn
         use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -449,17 +450,8 @@ class HFFBlock(nn.Module):
             if bn.momentum is None:
                 momentum = 1.0 / float(bn.num_batches_tracked)
         keep_stats = not bn.training or bn.track_running_stats
-        return _ops.hff_spatial_gate(
-            l,
-            self.spatial.conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if keep_stats else None,
-            bn.running_var if keep_stats else None,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=bn.eps,
-        )
+        return (bn.weight, bn.bias, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
+                use_batch_stats, momentum, bn.eps)
 
     def forward(self, l, g, f=None):
         w_local = self.W_l(l)
@@ -472,9 +464,11 @@ class HFFBlock(nn.Module):
             shortcut = None
             x_f = self.gelu(self.W(self.norm2(torch.cat([w_local, w_global], dim=1))))
 
-        spatial_gate = self._spatial_gate(l)
-        channel_gate = _ops.hff_channel_gate(g, self.se[0].weight, self.se[2].weight)
-        normed = _ops.hff_fused_tail(l, g, x_f, spatial_gate, channel_gate, self.norm3.weight, self.norm3.bias,
-                                     eps=self.norm3.eps)
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, bn_eps = self._spatial_bn_arguments(l)
+        normed = _ops.hff_attention_tail(
+            l, g, x_f, self.spatial.conv.weight, bn_weight, bn_bias, running_mean, running_var, training,
+            self.se[0].weight, self.se[2].weight, self.norm3.weight, self.norm3.bias, momentum=momentum,
+            bn_eps=bn_eps, ln_eps=self.norm3.eps,
+        )
         fused = self.drop_path(self.residual(normed))
         return fused if shortcut is None else shortcut + fused

@@ -81,7 +81,8 @@ class _SpatialKernelImpl:
                  use_batch_stats, eps, gate_only):
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
-        grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), *operands, use_batch_stats, eps, gate_only)
+        grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), *operands, use_batch_stats, eps, gate_only,
+                         None)
         return [restore_grad(g, t) for g, t in zip(grads, (x, conv_weight, bn_weight, bn_bias))]
 
 
@@ -112,7 +113,7 @@ class _ChannelKernelImpl:
     def backward(self, grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), x.contiguous(), acc_operand(fc1_weight, x),
-                         acc_operand(fc2_weight, x), gate_only)
+                         acc_operand(fc2_weight, x), gate_only, None)
         return [restore_grad(g, t) for g, t in zip(grads, (x, fc1_weight, fc2_weight))]
 
 
@@ -211,37 +212,48 @@ def _spatial_backward(ctx, grads):
 _spatial_fwd.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 
 
-def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
-    check_tensor(x, "x", ndim=4)
+def validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, name="x"):
+    """Checks the spatial attention's operands (the feature called `name`); returns use_batch_stats."""
+    check_tensor(x, name, ndim=4)
     if x.shape[1] < 1 or x.shape[2] * x.shape[3] < 1:
-        raise ValueError(f"x must have at least one channel and one pixel, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have at least one channel and one pixel, got shape {tuple(x.shape)}")
     check_tensor(conv_weight, "conv_weight", ndim=4)
     k = conv_weight.shape[-1]
     if tuple(conv_weight.shape) != (1, 2, k, k) or k % 2 == 0:
         raise ValueError(f"conv_weight must have shape (1, 2, k, k) with odd k, got {tuple(conv_weight.shape)}")
     if k > 31:
         raise ValueError(f"conv_weight's kernel size k = {k} is too large: k <= 31")
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
-        check_tensor(t, name, ndim=1, optional=True)
+    for arg, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(t, arg, ndim=1, optional=True)
         if t is not None and t.shape[0] != 1:
-            raise ValueError(f"{name} must have shape (1,), got {tuple(t.shape)}")
+            raise ValueError(f"{arg} must have shape (1,), got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
-    check_same_device(x=x, conv_weight=conv_weight, bn_weight=bn_weight, bn_bias=bn_bias,
+    check_same_device(**{name: x}, conv_weight=conv_weight, bn_weight=bn_weight, bn_bias=bn_bias,
                       running_mean=running_mean, running_var=running_var)
     use_batch_stats = bool(training) or running_mean is None
     if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"x of shape {tuple(x.shape)} has a single value per channel: batch statistics need more than one")
+        raise ValueError(f"{name} of shape {tuple(x.shape)} has a single value per channel: batch statistics need more than one")
     if training and running_mean is not None and not isinstance(momentum, (int, float)):
         raise ValueError(f"momentum must be a number (cumulative averaging is not supported), got {momentum!r}")
+    return use_batch_stats
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum):
+    """The in-place running-statistics update of nn.BatchNorm2d in training mode (unbiased batch variance)."""
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(batch_var.to(running_var.dtype), momentum)
+
+
+def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
+    use_batch_stats = validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum)
     backend = resolve(HFF_SPATIAL_ATTENTION, x.device)
     y, mean, var, _, _ = _spatial_fwd(
         x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, float(eps), backend, gate_only
     )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mean, var, training, momentum)
     return y
 
 
@@ -318,8 +330,10 @@ def _channel_backward(ctx, grads):
 _channel_fwd.register_autograd(_channel_backward, setup_context=_channel_setup)
 
 
-def _channel(x, fc1_weight, fc2_weight, gate_only):
-    check_tensor(x, "x", ndim=4)
+def validate_channel(x, fc1_weight, fc2_weight, name="x"):
+    """Checks the channel attention's operands (the feature called `name`); returns the weights as
+    (C // r, C) and (C, C // r) matrices."""
+    check_tensor(x, name, ndim=4)
     check_tensor(fc1_weight, "fc1_weight", ndim=(2, 4))
     check_tensor(fc2_weight, "fc2_weight", ndim=(2, 4))
     channels = x.shape[1]
@@ -331,10 +345,15 @@ def _channel(x, fc1_weight, fc2_weight, gate_only):
     if (fc2_weight.dim() == 4 and fc2_weight.shape[2:] != (1, 1)) or tuple(w2.shape) != (channels, hidden):
         raise ValueError(f"fc2_weight must have shape (C, C // r) = ({channels}, {hidden}) (or with 1x1 dims), got {tuple(fc2_weight.shape)}")
     if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"x must have a non-empty spatial size to pool over, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have a non-empty spatial size to pool over, got {tuple(x.shape)}")
     if channels == 0:
-        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
-    check_same_device(x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+        raise ValueError(f"{name} must have at least one channel, got shape {tuple(x.shape)}")
+    check_same_device(**{name: x}, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+    return w1, w2
+
+
+def _channel(x, fc1_weight, fc2_weight, gate_only):
+    w1, w2 = validate_channel(x, fc1_weight, fc2_weight)
     return _channel_fwd(x, w1, w2, resolve(HFF_CHANNEL_ATTENTION, x.device), gate_only)[0]
 
 

@@ -118,7 +118,8 @@ def _backward(ctx, grads):
 _tail_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def _validate(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias):
+def validate_tail(l, g, x_f, ln_weight, ln_bias, spatial_gate=None, channel_gate=None):
+    """Checks the fusion tail's operands; the gates when given: shapes (B, 1, H, W) and (B, C2, 1, 1)."""
     check_tensor(l, "l", ndim=4)
     B, C1, H, W = l.shape
     for name, t in (("g", g), ("x_f", x_f)):
@@ -131,12 +132,11 @@ def _validate(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias):
         raise ValueError(f"l must have at least one pixel, got shape {tuple(l.shape)}")
     C2 = g.shape[1]
     total = C1 + C2 + x_f.shape[1]
-    for name, t, shape, contract in (
-        ("spatial_gate", spatial_gate, (B, 1, H, W), "(B, 1, H, W)"),
-        ("channel_gate", channel_gate, (B, C2, 1, 1), "(B, C2, 1, 1)"),
-        ("ln_weight", ln_weight, (total,), "(C1 + C2 + Ci,)"),
-        ("ln_bias", ln_bias, (total,), "(C1 + C2 + Ci,)"),
-    ):
+    checks = [("ln_weight", ln_weight, (total,), "(C1 + C2 + Ci,)"), ("ln_bias", ln_bias, (total,), "(C1 + C2 + Ci,)")]
+    if spatial_gate is not None or channel_gate is not None:
+        checks += [("spatial_gate", spatial_gate, (B, 1, H, W), "(B, 1, H, W)"),
+                   ("channel_gate", channel_gate, (B, C2, 1, 1), "(B, C2, 1, 1)")]
+    for name, t, shape, contract in checks:
         check_tensor(t, name, ndim=len(shape))
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {contract} = {shape}, got {tuple(t.shape)}")
@@ -154,6 +154,6 @@ def hff_fused_tail(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, ep
     (HiFuse's channels-first LayerNorm), in float32 (float64 for float64 inputs).
     Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in every tensor argument.
     """
-    _validate(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
+    validate_tail(l, g, x_f, ln_weight, ln_bias, spatial_gate, channel_gate)
     backend = resolve(HFF_FUSED_TAIL, l.device)
     return _tail_fwd(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, float(eps), backend)[0]
