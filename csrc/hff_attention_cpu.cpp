@@ -42,7 +42,7 @@ constexpr int64_t kPoolTile = 256;  // pixels per task of the channel reductions
 template <typename T, typename acc_t>
 void channel_pool(const T* x, int64_t B, int64_t C, int64_t HW, acc_t* pooled, int64_t* argmax) {
   const PixelTiles tiles(HW, kPoolTile);
-  at::parallel_for(0, B * tiles.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * tiles.tiles, hff_cpu::work_grain(B * tiles.tiles, C * tiles.tile), [&](int64_t begin, int64_t end) {
     acc_t mx[kPoolTile], sum[kPoolTile];
     int32_t am[kPoolTile];  // 32-bit like the float lanes, so that the selects vectorise
     for (int64_t task = begin; task < end; ++task) {
@@ -150,6 +150,11 @@ void conv_weight_grad_image(const acc_t* dz, const acc_t* map, int64_t H, int64_
   }
 }
 
+// Images per parallel chunk of the map's convolutions: enough taps times pixels to pay for a parallel region.
+int64_t map_grain(int64_t HW, int k) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, HW * 2 * k * k));
+}
+
 // The map stage's parameters as plain values (absent BatchNorm affine parameters are 1 and 0).
 template <typename acc_t>
 struct SpatialMap {
@@ -198,7 +203,7 @@ struct MapState {
 template <typename acc_t>
 MapState<acc_t> map_forward(const SpatialMap<acc_t>& m, const acc_t* pooled, acc_t* z) {
   const int64_t HW = m.H * m.W, n = m.pixels();
-  at::parallel_for(0, m.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m.B, map_grain(HW, m.k), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) conv_image(pooled + b * 2 * HW, m.weight, m.H, m.W, m.k, z + b * HW);
   });
   MapState<acc_t> s;
@@ -247,7 +252,7 @@ void map_backward(const SpatialMap<acc_t>& m, const MapState<acc_t>& s, const ac
   *dbn_bias = sdy;
   const int64_t taps = 2 * m.k * m.k;
   std::vector<acc_t> part(m.B * taps, acc_t(0));
-  at::parallel_for(0, m.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m.B, map_grain(HW, m.k), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       conv_transpose_image(dz.data() + b * HW, m.weight, m.H, m.W, m.k, dpooled + b * 2 * HW);
       conv_weight_grad_image(dz.data() + b * HW, pooled + b * 2 * HW, m.H, m.W, m.k, part.data() + b * taps);
@@ -265,7 +270,7 @@ void map_backward(const SpatialMap<acc_t>& m, const MapState<acc_t>& s, const ac
 // out[b, c, p] = x[b, c, p] * gate[b, p].
 template <typename T, typename acc_t>
 void multiply_pixel_gate(const T* x, const acc_t* gate, int64_t B, int64_t C, int64_t HW, T* out) {
-  at::parallel_for(0, B * C, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, hff_cpu::work_grain(B * C, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const acc_t* s = gate + (row / C) * HW;
       const T* src = x + row * HW;
@@ -280,7 +285,7 @@ void multiply_pixel_gate(const T* x, const acc_t* gate, int64_t B, int64_t C, in
 template <typename T, typename acc_t>
 void pixel_gate_grad(const T* grad, const T* x, int64_t B, int64_t C, int64_t HW, acc_t* dgate) {
   const PixelTiles tiles(HW, kPoolTile);
-  at::parallel_for(0, B * tiles.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * tiles.tiles, hff_cpu::work_grain(B * tiles.tiles, 2 * C * tiles.tile), [&](int64_t begin, int64_t end) {
     acc_t sum[kPoolTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles.tiles, t = task % tiles.tiles;
@@ -308,7 +313,7 @@ void spatial_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, 
   const acc_t inv_c = acc_t(1) / acc_t(C);
   // 32-bit channel indices, like the float lanes, so that the selects below vectorise
   std::vector<int32_t> argmax32(argmax, argmax + B * HW);
-  at::parallel_for(0, B * C, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, hff_cpu::work_grain(B * C, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / C;
       const int32_t c = static_cast<int32_t>(row % C);
@@ -394,7 +399,7 @@ void row_pool(const T* row, int64_t n, acc_t* max_out, acc_t* sum_out, int64_t* 
 // pooled[b, 0, c] = max_p x[b, c, p], pooled[b, 1, c] = mean_p x[b, c, p], argmax[b, c] = first max pixel.
 template <typename T, typename acc_t>
 void pixel_pool(const T* x, int64_t B, int64_t C, int64_t HW, acc_t* pooled, int64_t* argmax) {
-  at::parallel_for(0, B * C, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, hff_cpu::work_grain(B * C, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / C, c = row % C;
       acc_t sum;
@@ -407,7 +412,7 @@ void pixel_pool(const T* x, int64_t B, int64_t C, int64_t HW, acc_t* pooled, int
 // out[b, c, p] = x[b, c, p] * gate[b, c].
 template <typename T, typename acc_t>
 void multiply_channel_gate(const T* x, const acc_t* gate, int64_t rows, int64_t HW, T* out) {
-  at::parallel_for(0, rows, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, hff_cpu::work_grain(rows, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const acc_t s = gate[row];
       const T* src = x + row * HW;
@@ -421,7 +426,7 @@ void multiply_channel_gate(const T* x, const acc_t* gate, int64_t rows, int64_t 
 // dgate[b, c] = sum_p grad[b, c, p] * x[b, c, p].
 template <typename T, typename acc_t>
 void channel_gate_grad(const T* grad, const T* x, int64_t rows, int64_t HW, acc_t* dgate) {
-  at::parallel_for(0, rows, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, hff_cpu::work_grain(rows, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* g = grad + row * HW;
       const T* v = x + row * HW;
@@ -436,7 +441,7 @@ void channel_gate_grad(const T* grad, const T* x, int64_t rows, int64_t HW, acc_
 template <typename T, typename acc_t>
 void channel_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, const int64_t* argmax,
                         int64_t B, int64_t C, int64_t HW, bool gate_only, bool accumulate, T* dx) {
-  at::parallel_for(0, B * C, hff_cpu::row_grain(HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, hff_cpu::work_grain(B * C, HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / C, c = row % C;
       const acc_t dmean = dpooled[b * 2 * C + C + c] / acc_t(HW);

@@ -71,9 +71,16 @@ struct PixelTiles {
   int64_t size(int64_t t, int64_t pixels) const { return std::min(tile, pixels - t * tile); }
 };
 
-// Grain (in rows of `row_len` elements) that gives each parallel chunk at least ~32k elements.
-inline int64_t row_grain(int64_t row_len) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_len));
+// Passes over fewer elements than this run on the calling thread: a parallel region costs tens of
+// microseconds on an idle machine, and much more when a thread has to wait to be scheduled.
+constexpr int64_t kSerialElements = int64_t(1) << 19;
+
+// Grain of at::parallel_for over `items` items of `item_len` elements each: all of them (no parallel region)
+// for a pass of fewer than kSerialElements elements, else chunks of at least ~32k elements.
+inline int64_t work_grain(int64_t items, int64_t item_len) {
+  item_len = std::max<int64_t>(1, item_len);
+  if (items * item_len < kSerialElements) return std::max<int64_t>(1, items);
+  return std::max<int64_t>(1, (int64_t(1) << 15) / item_len);
 }
 
 }  // namespace hff_cpu

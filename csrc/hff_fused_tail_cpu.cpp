@@ -170,7 +170,8 @@ void tail_forward(const TailForward<T, acc_t>& F) {
   if (hff_cpu::use_avx2()) task_fn = &tail_forward_avx2<T, acc_t>;
 #endif
   const int64_t tile = F.tiles.tile;
-  at::parallel_for(0, F.P.B * F.tiles.tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = F.P.B * F.tiles.tiles;
+  at::parallel_for(0, tasks, tasks * F.P.channels() * tile < hff_cpu::kSerialElements ? tasks : 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(F.P.channels() * tile), mu(tile), rs(tile);
     for (int64_t task = begin; task < end; ++task) task_fn(F, task, buf.data(), mu.data(), rs.data());
   });
@@ -291,7 +292,8 @@ void tail_backward(const TailBackward<T, acc_t>& G) {
   if (hff_cpu::use_avx2()) task_fn = &tail_backward_avx2<T, acc_t>;
 #endif
   const int64_t tile = G.tiles.tile, CT = G.P.channels();
-  at::parallel_for(0, G.P.B * G.tiles.tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = G.P.B * G.tiles.tiles;
+  at::parallel_for(0, tasks, tasks * CT * tile < hff_cpu::kSerialElements ? tasks : 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xhat(CT * tile), dxhat(CT * tile), m1(tile), m2(tile), ds(tile);
     for (int64_t task = begin; task < end; ++task) {
       task_fn(G, task, xhat.data(), dxhat.data(), m1.data(), m2.data(), ds.data());

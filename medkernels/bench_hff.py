@@ -17,6 +17,8 @@ The whole ``HFFBlock`` (its IRMLP included) is timed too: once in quick mode, at
 """
 import argparse
 import copy
+import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -221,13 +223,27 @@ def format_rows(rows):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="HFF attention + tail and HFFBlock benchmarks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="time the whole HFFBlock at every scale")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
     from .bench import time_call
+    from .info import info
 
-    print(format_rows(bench_hff(torch.device(args.device), time_call, args.warmup, args.repeats, quick=not args.full)))
+    device = torch.device(args.device)
+    rows = bench_hff(device, time_call, args.warmup, args.repeats, quick=not args.full)
+    print(f"medkernels HFF bench on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": info(), "device": str(device), "threads": torch.get_num_threads(),
+                       "args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
