@@ -350,9 +350,33 @@ void spatial_input_grad(const T* grad, const acc_t* gate, const acc_t* dpooled, 
 
 // ---- channel gate ------------------------------------------------------------------------------
 
-// Max (NaN if any), first argmax and sum of a row.
+// Max (NaN if any), first argmax and sum of a row. Short rows (HiFuse's 7x7 maps) in one scalar pass; long
+// ones in vector lanes, then a scan for the first maximum.
 template <typename T, typename acc_t>
 void row_pool(const T* row, int64_t n, acc_t* max_out, acc_t* sum_out, int64_t* arg_out) {
+  if (n < 64) {
+    // NaNs only set a flag here (keeping the loop free of branches); the first one is found afterwards
+    acc_t mx = static_cast<acc_t>(row[0]), sum = mx;
+    int64_t arg = 0;
+    bool nan = mx != mx;
+    for (int64_t e = 1; e < n; ++e) {
+      const acc_t v = static_cast<acc_t>(row[e]);
+      const bool take = v > mx;
+      mx = take ? v : mx;
+      arg = take ? e : arg;
+      sum += v;
+      nan |= v != v;
+    }
+    if (nan) {
+      arg = 0;
+      while (!(static_cast<acc_t>(row[arg]) != static_cast<acc_t>(row[arg]))) ++arg;
+      mx = std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    *max_out = mx;
+    *sum_out = sum;
+    *arg_out = arg;
+    return;
+  }
   constexpr int64_t L = hff_cpu::kLanes;
   acc_t lane_max[L], lane_sum[L];
   int lane_nan[L];

@@ -1,5 +1,5 @@
-// The shared MLP of the HFF channel gate on the pooled vectors, written with ATen ops on the small
-// (B, 2, C) tensors so that the CPU and CUDA kernels run the same code (hff_channel_mlp.cpp).
+// The shared MLP of the HFF channel gate on the small pooled (B, 2, C) tensors, called by the CPU and the
+// CUDA kernels alike (hff_channel_mlp.cpp: plain loops for CPU tensors, ATen products for CUDA tensors).
 #pragma once
 
 #include <vector>

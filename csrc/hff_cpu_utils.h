@@ -71,8 +71,9 @@ struct PixelTiles {
   int64_t size(int64_t t, int64_t pixels) const { return std::min(tile, pixels - t * tile); }
 };
 
-// Passes over fewer elements than this run on the calling thread: a parallel region costs tens of
-// microseconds on an idle machine, and much more when a thread has to wait to be scheduled.
+// Passes over fewer elements than this (about a millisecond of work) run on the calling thread: a parallel
+// region costs tens of microseconds on an idle machine, but a whole scheduler time slice (milliseconds) when
+// the machine is busy and an OpenMP worker has to wait for a core.
 constexpr int64_t kSerialElements = int64_t(1) << 19;
 
 // Grain of at::parallel_for over `items` items of `item_len` elements each: all of them (no parallel region)

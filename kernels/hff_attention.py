@@ -23,6 +23,9 @@ the weight gradient as per-program partials summed in a fixed order). What acts 
 BatchNorm's statistics and affine, the sigmoid, the channel MLP — is a handful of torch ops on those small
 tensors. Every reduction has a fixed order: no atomics.
 
+NaN inputs give NaN gates, but unlike the compiled kernels the pooling's argmax does not promise to point at
+the first NaN (``tl.max`` / ``tl.argmax`` semantics), so the gradient of the max may be routed elsewhere.
+
 On a GPU the tensors must be CUDA tensors; CPU tensors need ``TRITON_INTERPRET=1`` set before import.
 """
 import torch

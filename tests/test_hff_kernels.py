@@ -252,6 +252,27 @@ def test_max_ties_route_to_the_first_index(device_backend):
     assert torch.equal(channel[2].cpu(), x64.flatten(2).max(dim=-1).indices)
 
 
+@pytest.mark.parametrize("shape", [(2, 19, 37, 9), (2, 70, 5, 7)], ids=["long-rows", "short-rows"])
+def test_nan_maxima_like_torch_max(device_backend, shape):
+    """A NaN is the maximum and the first NaN its argmax, as torch.max (Triton's pooling does not promise this)."""
+    device, backend = device_backend
+    if backend == "triton":
+        pytest.skip("Triton's pooling does not specify which NaN is the maximum (kernels/hff_attention.py)")
+    x = randn(shape, 110, torch.float32)
+    for b, c, h, w in ((0, 3, 1, 2), (0, 7, 1, 2), (1, 5, 4, 0), (1, 5, 2, 6)):
+        x[b, c, h, w] = float("nan")
+    x = x.to(device)
+    ops = torch.ops.medkernels
+    spatial = ops.hff_spatial_attention_fwd(x, randn((1, 2, 7, 7), 111, torch.float32).to(device), None, None, None,
+                                            None, True, 1e-5, backend, True)
+    channel = ops.hff_channel_attention_fwd(x, randn((2, shape[1]), 112, torch.float32).to(device),
+                                            randn((shape[1], 2), 113, torch.float32).to(device), backend, True)
+    top, index = x.cpu().max(dim=1)
+    assert torch.equal(spatial[4].cpu(), index) and torch.equal(spatial[3][:, 0].cpu().isnan(), top.isnan())
+    top, index = x.cpu().flatten(2).max(dim=-1)
+    assert torch.equal(channel[2].cpu(), index) and torch.equal(channel[1][:, 0].cpu().isnan(), top.isnan())
+
+
 # ---- determinism -------------------------------------------------------------------------------------------
 
 def _all_ops_once(x, sgw, w1, w2, lnw, lnb):

@@ -19,11 +19,9 @@ from .hff_attention_tail_ref import hff_attention_tail_ref
 from .hff_fused_tail import validate_tail
 from .hff_fused_tail_ref import hff_fused_tail_ref
 
-# The forward's outputs after (out, batch_mean, batch_var), saved for the backward:
-# spatial pooled (B, 2, H, W) and argmax (B, H, W), channel pooled (B, 2, C2) and argmax (B, C2), the gates
+# The forward's outputs after (out, batch_mean, batch_var) are saved for the backward: the spatial pooled
+# values (B, 2, H, W) and argmax (B, H, W), the channel pooled values (B, 2, C2) and argmax (B, C2), the gates
 # (B, 1, H, W) and (B, C2, 1, 1), and the LayerNorm's mean and rstd (B, H, W); acc dtype, argmax int64.
-SAVED = ("spatial_pooled", "spatial_argmax", "channel_pooled", "channel_argmax", "spatial_gate", "channel_gate",
-         "mean", "rstd")
 
 
 class _RefImpl:
@@ -160,6 +158,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*tensors, *output[3:])
     ctx.args = (inputs[8], inputs[9], inputs[14], inputs[15])  # use_batch_stats, bn_eps, ln_eps, backend
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the ten non-differentiable outputs
 
 
 def _backward(ctx, grads):
