@@ -608,8 +608,7 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cpu(const at::Tensor& grad, const a
   hff_check_channel_saved(op, c10::DeviceType::CPU, x, pooled, argmax);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   hff_check_gate_grad(op, c10::DeviceType::CPU, grad, x, gate_only, {B, C, 1, 1}, "(B, C, 1, 1)");
-  const at::Tensor gate = hff_channel_mlp_gate(pooled, fc1_weight, fc2_weight).contiguous();
-  at::Tensor dgate = gate_only ? grad.view({B, C}) : at::empty({B, C}, gate.options());
+  at::Tensor dgate = gate_only ? grad.view({B, C}) : at::empty({B, C}, pooled.options());
   if (!gate_only) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -617,7 +616,8 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cpu(const at::Tensor& grad, const a
                         dgate.mutable_data_ptr<acc_t>());
     });
   }
-  auto mlp = hff_channel_mlp_backward(dgate, gate, pooled, fc1_weight, fc2_weight);
+  const auto mlp = hff_channel_mlp_backward(dgate, pooled, fc1_weight, fc2_weight);
+  const at::Tensor& gate = mlp[3];
   const bool accumulate = hff_present(dx_accumulate) != nullptr;
   at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CPU, x, dx_accumulate);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_cpu", [&] {

@@ -497,8 +497,7 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cuda(const at::Tensor& grad, const 
   hff_check_gate_grad(op, c10::DeviceType::CUDA, grad, x, gate_only, {B, C, 1, 1}, "(B, C, 1, 1)");
   const c10::cuda::CUDAGuard device_guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor gate = hff_channel_mlp_gate(pooled, fc1_weight, fc2_weight).contiguous();
-  at::Tensor dgate = gate_only ? grad.view({B, C}) : at::empty({B, C}, gate.options());
+  at::Tensor dgate = gate_only ? grad.view({B, C}) : at::empty({B, C}, pooled.options());
   if (!gate_only) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_channel_gate_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -507,7 +506,8 @@ std::vector<at::Tensor> hff_channel_gate_bwd_cuda(const at::Tensor& grad, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto mlp = hff_channel_mlp_backward(dgate, gate, pooled, fc1_weight, fc2_weight);
+  const auto mlp = hff_channel_mlp_backward(dgate, pooled, fc1_weight, fc2_weight);
+  const at::Tensor& gate = mlp[3];
   const bool accumulate = hff_present(dx_accumulate) != nullptr;
   at::Tensor dx = hff_input_grad_buffer(op, c10::DeviceType::CUDA, x, dx_accumulate);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hff_channel_gate_bwd_cuda", [&] {

@@ -111,15 +111,16 @@ at::Tensor mlp_gate_cpu(const at::Tensor& pooled, const at::Tensor& fc1_weight, 
 
 struct MlpBackward {
   MlpSizes n;
-  const double *p, *w1, *w2, *dg, *s;
-  double *dp, *dw1, *dw2, *pre, *hidden, *dhidden;
+  const double *p, *w1, *w2, *dg;
+  double *s, *dp, *dw1, *dw2, *pre, *hidden, *dhidden;  // s: the gate, recomputed
 };
 
 MK_HFF_INLINE void mlp_backward_body(const MlpBackward& m) {
   const MlpSizes& n = m.n;
-  const double *p = m.p, *w1 = m.w1, *w2 = m.w2, *dg = m.dg, *s = m.s;
-  double *dp = m.dp, *dw1 = m.dw1, *dw2 = m.dw2, *pre = m.pre, *hidden = m.hidden, *dhidden = m.dhidden;
+  const double *p = m.p, *w1 = m.w1, *w2 = m.w2, *dg = m.dg;
+  double *s = m.s, *dp = m.dp, *dw1 = m.dw1, *dw2 = m.dw2, *pre = m.pre, *hidden = m.hidden, *dhidden = m.dhidden;
   mlp_hidden(n, p, w1, pre, hidden);
+  mlp_gate(n, hidden, w2, s);
   for (int64_t b = 0; b < n.batch; ++b) {
     const double* h = hidden + b * n.hidden;
     std::fill(dhidden, dhidden + n.hidden, 0.0);
@@ -154,12 +155,12 @@ void mlp_backward_generic(const MlpBackward& m) { mlp_backward_body(m); }
 MK_HFF_TARGET_AVX2 void mlp_backward_avx2(const MlpBackward& m) { mlp_backward_body(m); }
 #endif
 
-std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& dgate, const at::Tensor& gate, const at::Tensor& pooled,
+std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& dgate, const at::Tensor& pooled,
                                          const at::Tensor& fc1_weight, const at::Tensor& fc2_weight) {
   const MlpSizes n = mlp_sizes(pooled, fc1_weight);
   const std::vector<double> p = to_double(pooled), w1 = to_double(fc1_weight), w2 = to_double(fc2_weight);
-  const std::vector<double> dg = to_double(dgate), s = to_double(gate);
-  std::vector<double> dp(p.size(), 0.0), dw1(w1.size(), 0.0), dw2(w2.size(), 0.0);
+  const std::vector<double> dg = to_double(dgate);
+  std::vector<double> s(n.batch * n.channels), dp(p.size(), 0.0), dw1(w1.size(), 0.0), dw2(w2.size(), 0.0);
   std::vector<double> pre(n.batch * 2 * n.hidden), hidden(n.batch * n.hidden), dhidden(n.hidden);
   const MlpBackward m{n, p.data(), w1.data(), w2.data(), dg.data(), s.data(), dp.data(), dw1.data(), dw2.data(),
                       pre.data(), hidden.data(), dhidden.data()};
@@ -173,7 +174,7 @@ std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& dgate, const at::Tens
   mlp_backward_generic(m);
 #endif
   return {from_double(dp, pooled.sizes(), pooled.options()), from_double(dw1, fc1_weight.sizes(), fc1_weight.options()),
-          from_double(dw2, fc2_weight.sizes(), fc2_weight.options())};
+          from_double(dw2, fc2_weight.sizes(), fc2_weight.options()), from_double(s, {n.batch, n.channels}, pooled.options())};
 }
 
 }  // namespace
@@ -185,19 +186,19 @@ at::Tensor hff_channel_mlp_gate(const at::Tensor& pooled, const at::Tensor& fc1_
   return at::sigmoid(at::matmul(hidden, fc2_weight.t()));
 }
 
-std::vector<at::Tensor> hff_channel_mlp_backward(const at::Tensor& dgate, const at::Tensor& gate,
-                                                 const at::Tensor& pooled, const at::Tensor& fc1_weight,
-                                                 const at::Tensor& fc2_weight) {
-  if (pooled.device().is_cpu()) return mlp_backward_cpu(dgate.contiguous(), gate, pooled, fc1_weight, fc2_weight);
+std::vector<at::Tensor> hff_channel_mlp_backward(const at::Tensor& dgate, const at::Tensor& pooled,
+                                                 const at::Tensor& fc1_weight, const at::Tensor& fc2_weight) {
+  if (pooled.device().is_cpu()) return mlp_backward_cpu(dgate.contiguous(), pooled, fc1_weight, fc2_weight);
   const int64_t batch = pooled.size(0), channels = pooled.size(2);
   const at::Tensor pre = at::matmul(pooled, fc1_weight.t());                // (B, 2, hidden)
   const at::Tensor hidden = at::relu(pre).sum(1);                            // (B, hidden)
-  const at::Tensor dlogit = dgate * gate * (1 - gate);                       // (B, C)
+  const at::Tensor gate = at::sigmoid(at::matmul(hidden, fc2_weight.t()));  // (B, C)
+  const at::Tensor dlogit = dgate * gate * (1 - gate);
   const at::Tensor dfc2 = at::matmul(dlogit.t(), hidden);                   // (C, hidden)
   const at::Tensor dpre = at::matmul(dlogit, fc2_weight).unsqueeze(1) * (pre > 0);  // (B, 2, hidden)
   const at::Tensor dfc1 = at::matmul(dpre.reshape({2 * batch, -1}).t(), pooled.reshape({2 * batch, channels}));
   const at::Tensor dpooled = at::matmul(dpre, fc1_weight);                  // (B, 2, C)
-  return {dpooled.contiguous(), dfc1, dfc2};
+  return {dpooled.contiguous(), dfc1, dfc2, gate.contiguous()};
 }
 
 }  // namespace medkernels

@@ -13,10 +13,9 @@ namespace medkernels {
 at::Tensor hff_channel_mlp_gate(const at::Tensor& pooled, const at::Tensor& fc1_weight,
                                 const at::Tensor& fc2_weight);
 
-// Backward of hff_channel_mlp_gate from dgate (B, C) and the forward's gate: {dpooled (B, 2, C),
-// dfc1_weight, dfc2_weight}.
-std::vector<at::Tensor> hff_channel_mlp_backward(const at::Tensor& dgate, const at::Tensor& gate,
-                                                 const at::Tensor& pooled, const at::Tensor& fc1_weight,
-                                                 const at::Tensor& fc2_weight);
+// Backward of hff_channel_mlp_gate from dgate (B, C): {dpooled (B, 2, C), dfc1_weight, dfc2_weight, gate (B, C)},
+// the gate recomputed on the way (the forward's value).
+std::vector<at::Tensor> hff_channel_mlp_backward(const at::Tensor& dgate, const at::Tensor& pooled,
+                                                 const at::Tensor& fc1_weight, const at::Tensor& fc2_weight);
 
 }  // namespace medkernels

@@ -74,7 +74,7 @@ struct PixelTiles {
 // Passes over fewer elements than this (about a millisecond of work) run on the calling thread: a parallel
 // region costs tens of microseconds on an idle machine, but a whole scheduler time slice (milliseconds) when
 // the machine is busy and an OpenMP worker has to wait for a core.
-constexpr int64_t kSerialElements = int64_t(1) << 19;
+constexpr int64_t kSerialElements = int64_t(1) << 18;
 
 // Grain of at::parallel_for over `items` items of `item_len` elements each: all of them (no parallel region)
 // for a pass of fewer than kSerialElements elements, else chunks of at least ~32k elements.
