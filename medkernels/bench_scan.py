@@ -6,6 +6,7 @@ Each row carries its error against the reference on the same inputs. Peak memory
 the resident set of a fresh child process over one forward+backward call.
 """
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -52,9 +53,33 @@ def mambapy_scan(u, delta, A, B, C, D, delta_bias):
     return y.transpose(1, 2)
 
 
+def mamba_ssm_scan(u, delta, A, B, C, D, delta_bias):
+    """mamba_ssm's CUDA selective_scan_fn (the GPU peer), grouped B/C as medkernels takes them."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus=True)
+
+
+@contextlib.contextmanager
+def _triton_forward_method(name):
+    from .kernels import selective_scan as triton_scan
+
+    previous = triton_scan.set_forward_method(name)
+    try:
+        yield
+    finally:
+        triton_scan.set_forward_method(previous)
+
+
 def _scan_call(provider, t):
     if provider == "mambapy":
         return mambapy_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
+    if provider == "mamba_ssm":
+        return mamba_ssm_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
+    if provider == "triton-assoc":  # the Triton backend with its associative-scan forward walk
+        with _triton_forward_method("assoc"), _backend.use_backend("triton"):
+            return ops.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"],
+                                      delta_bias=t["delta_bias"], delta_softplus=True)
     with _backend.use_backend(provider):
         return ops.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
                                   delta_softplus=True)
@@ -79,6 +104,15 @@ def scan_providers(device):
             import mambapy.pscan  # noqa: F401
 
             providers.append("mambapy")
+        except ImportError:
+            pass
+    if device.type == "cuda":
+        if "triton" in providers:
+            providers.append("triton-assoc")
+        try:
+            import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+
+            providers.append("mamba_ssm")
         except ImportError:
             pass
     return providers
