@@ -85,7 +85,9 @@ class _KernelImpl:
 
 SELECTIVE_SCAN = OpTable("selective_scan", ref=_RefImpl)
 SELECTIVE_SCAN.register("cpu", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cpu, _ext.module().selective_scan_bwd_cpu))
-SELECTIVE_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cuda, _ext.module().selective_scan_bwd_cuda))
+# the CUDA backward sums dB, dC and the parameter gradients with atomics
+SELECTIVE_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cuda, _ext.module().selective_scan_bwd_cuda),
+                        deterministic=False)
 
 
 def _triton_impl():

@@ -53,7 +53,9 @@ def _triton_impl():
 
 SS2D_SCAN = OpTable("ss2d_scan", ref=_RefImpl)
 SS2D_SCAN.register("cpu", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cpu, _ext.module().ss2d_scan_bwd_cpu))
-SS2D_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cuda, _ext.module().ss2d_scan_bwd_cuda))
+# the CUDA kernels sum the four directions (forward) and the gradients (backward) with atomics
+SS2D_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cuda, _ext.module().ss2d_scan_bwd_cuda),
+                   deterministic=False)
 SS2D_SCAN.register("triton", _triton_impl)
 
 
