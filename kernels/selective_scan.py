@@ -124,7 +124,9 @@ def _scan_fwd_range(
         dt, _ = _dt_of(delta, bias, SOFTPLUS)
         Bt = tl.load(B_ptr + offs_n * L + p, mask=mask_n, other=0.0).to(acc_t)
         decay = tl.exp(dt[:, None] * A)
-        x = decay * x + (dt * u)[:, None] * Bt[None, :]
+        # padding lanes (n >= N) stay 0: an infinite u or dt times their zero B / A would make NaNs that the
+        # output's sum over n would spread
+        x = tl.where(mask_n[None, :], decay * x + (dt * u)[:, None] * Bt[None, :], 0.0)
         if STORE_STEPS:
             tl.store(steps_ptr + (t - start + 1) * (BLOCK_D * BLOCK_N) + tile, x, mask=mask_dn)
         if OUT_MODE != 0:
@@ -181,8 +183,9 @@ def _scan_fwd_range_assoc(
         cols = offs_n[None, :] * L + p[:, None]
         mask_tn = mask_t[:, None] & mask_n[None, :]
         Bt = tl.load(B_ptr + cols, mask=mask_tn, other=0.0).to(acc_t)
-        decay = tl.exp(dt[:, :, None] * A[:, None, :])
-        inp = (dt * u)[:, :, None] * Bt[None, :, :]
+        lanes = mask_n[None, None, :]  # padding lanes (n >= N) stay 0, as in _scan_fwd_range
+        decay = tl.where(lanes, tl.exp(dt[:, :, None] * A[:, None, :]), 1.0)
+        inp = tl.where(lanes, (dt * u)[:, :, None] * Bt[None, :, :], 0.0)
         decay_prefix, inp_prefix = tl.associative_scan((decay, inp), axis=1, combine_fn=_first_order_combine)
         xs = decay_prefix * x[:, None, :] + inp_prefix
         x = tl.sum(tl.where((offs_t == SUB - 1)[None, :, None], xs, 0.0), axis=1)
@@ -245,8 +248,8 @@ def _scan_bwd_range(
             else:
                 tl.store(dz_ptr + row, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
             g = g * (zv * s)
-        h = h + g[:, None] * Ct[None, :]
-        decay = tl.exp(dt[:, None] * A)
+        h = tl.where(mask_n[None, :], h + g[:, None] * Ct[None, :], 0.0)
+        decay = tl.where(mask_n[None, :], tl.exp(dt[:, None] * A), 0.0)
         tl.store(dC_ptr + offs_n * L + p, tl.sum(g[:, None] * x_t, axis=0), mask=mask_n)
         tl.store(dB_ptr + offs_n * L + p, tl.sum(h * (dt * u)[:, None], axis=0), mask=mask_n)
         du = g * Dskip + tl.sum(h * Bt[None, :], axis=1) * dt
