@@ -95,9 +95,15 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.readme_from:
         readme = args.update_readme or "README.md"
+        latest = {}  # per device type, the most recent run among the files given
         for path in args.readme_from:
-            update_readme(readme, load_json(path), source=path)
-            print(f"wrote the {load_json(path)['device']['type']} table of {readme} from {path}")
+            data = load_json(path)
+            kind = data["device"]["type"]
+            if kind not in latest or data["started"] > latest[kind][1]["started"]:
+                latest[kind] = (path, data)
+        for kind, (path, data) in sorted(latest.items()):
+            update_readme(readme, data, source=path)
+            print(f"wrote the {kind} table of {readme} from {path}")
         return 0
     quick = not args.full
     mode = "quick" if quick else "full"

@@ -125,11 +125,12 @@ def error_of(row):
     return None, None
 
 
-def _ms(v):
+def _ms(v, scale=None):
+    """Milliseconds with the decimals that suit `scale` (default: the value itself)."""
     if v is None:
         return "-"
-    ms = 1e3 * v
-    return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}" if ms < 1e4 else f"{ms:.0f}"
+    ms, ref = 1e3 * v, 1e3 * (v if scale is None else scale)
+    return f"{ms:.3f}" if ref < 1 else f"{ms:.1f}" if ref < 1e4 else f"{ms:.0f}"
 
 
 def _cells(row, model):
@@ -141,7 +142,7 @@ def _cells(row, model):
         note = (note + "; " if note else "") + f"compile+first call {row['first_call_s']:.1f} s"
     cells = [row["op"], row["pass"], row.get("label", ""), row["provider"]]
     if ok:
-        cells += [_ms(row["median_s"]), f"{_ms(row['min_s'])}-{_ms(row['max_s'])}"]
+        cells += [_ms(row["median_s"]), f"{_ms(row['min_s'], row['max_s'])}-{_ms(row['max_s'])}"]
     else:
         cells += [row["status"], ""]
     if model:
