@@ -1,6 +1,7 @@
-"""``python -m medkernels.bench``: every op and both networks against pure PyTorch, torch.compile and the
-external scans (mambapy on CPU, mamba_ssm on GPU), side by side in one run, with each row's error.
+"""Time every medkernels op and both networks against pure PyTorch, torch.compile and mambapy/mamba_ssm.
 
+``python -m medkernels.bench`` runs them side by side in one run, each row with its error against the
+reference.
 Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it; ``--update-readme``
 (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """

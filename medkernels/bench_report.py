@@ -203,8 +203,10 @@ def load_json(path):
 def readme_block(data, source=None):
     """The text between a device's README markers, written from a run's JSON."""
     dev, env = data["device"], data["environment"]
+    commit = str(env.get("git_commit", "unknown"))
+    commit = commit[:12] + (" with local changes" if commit.endswith("-dirty") else "")
     head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads), torch {env.get('torch')}, "
-            f"commit {str(env.get('git_commit', 'unknown'))[:12]}, `python -m medkernels.bench --{data['mode']}`"
+            f"commit {commit}, `python -m medkernels.bench --{data['mode']}`"
             + (f"; figures in `{source}`" if source else "") + ":")
     notes = "".join(f"\n- {n}" for n in data["settings"].get("notes", []))
     return f"{head}\n{notes}\n\n{format_run(data, markdown=True)}"
