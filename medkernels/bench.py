@@ -1,9 +1,8 @@
 """Time every medkernels op and both networks against pure PyTorch, torch.compile and mambapy/mamba_ssm.
 
 ``python -m medkernels.bench`` runs them side by side in one run, each row with its error against the
-reference.
-Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it; ``--update-readme``
-(or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
+reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it;
+``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """
 import argparse
 import sys
