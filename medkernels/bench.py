@@ -1,8 +1,8 @@
-"""``python -m medkernels.bench``: every op and both networks against pure PyTorch, torch.compile and the
-external scans (mambapy on CPU, mamba_ssm on GPU), side by side in one run, with each row's error.
+"""Time every medkernels op and both networks against pure PyTorch, torch.compile and mambapy/mamba_ssm.
 
-Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it; ``--update-readme``
-(or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
+``python -m medkernels.bench`` runs them side by side in one run, each row with its error against the
+reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it;
+``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """
 import argparse
 import sys
@@ -95,9 +95,15 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.readme_from:
         readme = args.update_readme or "README.md"
+        latest = {}  # per device type, the most recent run among the files given
         for path in args.readme_from:
-            update_readme(readme, load_json(path), source=path)
-            print(f"wrote the {load_json(path)['device']['type']} table of {readme} from {path}")
+            data = load_json(path)
+            kind = data["device"]["type"]
+            if kind not in latest or data["started"] > latest[kind][1]["started"]:
+                latest[kind] = (path, data)
+        for kind, (path, data) in sorted(latest.items()):
+            update_readme(readme, data, source=path)
+            print(f"wrote the {kind} table of {readme} from {path}")
         return 0
     quick = not args.full
     mode = "quick" if quick else "full"

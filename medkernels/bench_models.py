@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from . import _backend
 from .bench_op import _short, max_abs_diff
 from .bench_scan import MEDMAMBA_T_STAGES, N, _importable, ref_backward_skip_reason
-from .bench_timing import child_peak_mb, cuda_peak_mb, timed_first_call
+from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, timed_first_call
 
 NUM_CLASSES = 7
 INFERENCE, TRAIN = "inference", "train step"
 
 # (device type, quick) -> sizes and batches. Quick on CPU trains at a small batch to fit a few minutes.
 CONFIG = {
-    ("cpu", True): {"size": 224, "infer_batches": (1, 4), "train_batch": 2, "compile": False},
+    ("cpu", True): {"size": 224, "infer_batches": (1, 4), "train_batch": 2, "compile": False,
+                    "mambapy_inference": False},
     ("cpu", False): {"size": 224, "infer_batches": (1, 8), "train_batch": 8, "compile": True},
     ("cuda", True): {"size": 224, "infer_batches": (1, 32), "train_batch": 32, "compile": True},
     ("cuda", False): {"size": 224, "infer_batches": (1, 64), "train_batch": 64, "compile": True},
@@ -189,6 +190,8 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
             reason = provider if isinstance(provider, str) else None
             if reason is None and provider.compiled and not cfg["compile"]:
                 reason = QUICK_CPU_COMPILE_NOTE
+            if reason is None and pname == "mambapy" and pass_name == INFERENCE and not cfg.get("mambapy_inference", True):
+                reason = "skipped: --quick on CPU (mambapy is the training baseline here; --full times it too)"
             if reason is None and provider.backend == "ref" and provider.scan is None and pass_name == TRAIN:
                 reason = _medmamba_ref_backward_reason(name, device, batch, cfg["size"])
             if reason:
@@ -199,7 +202,9 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
                 first = {}
                 row["first_call_s"] = timed_first_call(lambda: first.setdefault("out", call()), device)
                 outputs[pname] = first["out"]
-                row.update(time_call(call, device, max(0, warmup - 1), repeats))
+                budget = QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None
+                reps = repeats_within(row["first_call_s"], repeats, budget)
+                row.update(time_call(call, device, max(0, warmup - 1), reps))
                 unit = batch / row["median_s"]
                 row["images_per_s"] = unit
                 if pass_name == TRAIN:

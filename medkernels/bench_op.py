@@ -6,7 +6,7 @@ as a row with ``status`` "skipped" (and the reason in ``note``); one that raises
 """
 import torch
 
-from .bench_timing import timed_first_call
+from .bench_timing import repeats_within, timed_first_call
 
 FORWARD, FWD_BWD = "forward", "forward+backward"
 ERR_PREFIX = "max_abs_err_vs_"
@@ -46,14 +46,14 @@ def max_abs_diff(a, b):
 
 
 def run_op_bench(op, shape, inputs, providers, device, time_call, warmup, repeats, *, skip=None, label=None,
-                 baselines=("ref",), memory=None):
+                 baselines=("ref",), memory=None, budget_s=None):
     """Rows for both passes of every provider.
 
     providers: {name: fn(inputs) -> output}. skip: {(name, pass): reason} for pairs known to be unworkable.
     baselines: the providers to compare against, first that ran wins (its name lands in ``baseline`` and in
     the error key ``max_abs_err_vs_<name>``). memory: fn(name, call) -> MB or None, for forward+backward rows.
     The first call of each provider is timed apart (``first_call_s``: for a torch.compile'd provider, the
-    compilation) and also serves as a warm-up call.
+    compilation) and also serves as a warm-up call. budget_s: see bench_timing.repeats_within.
     """
     skip = skip or {}
     label = label or shape_label(shape)
@@ -83,7 +83,8 @@ def run_op_bench(op, shape, inputs, providers, device, time_call, warmup, repeat
                 first = {}
                 row["first_call_s"] = timed_first_call(lambda: first.setdefault("out", call()), device)
                 results[(name, pass_name)] = first["out"]
-                row.update(time_call(call, device, max(0, warmup - 1), repeats))
+                reps = repeats_within(row["first_call_s"], repeats, budget_s)
+                row.update(time_call(call, device, max(0, warmup - 1), reps))
                 if memory is not None and pass_name == FWD_BWD:
                     mb = memory(name, call)
                     if mb is not None:

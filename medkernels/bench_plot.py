@@ -19,6 +19,7 @@ def write_plot(data, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     groups = plot_groups(data)
     if not groups:
@@ -30,15 +31,21 @@ def write_plot(data, path):
         names = [p for p, _, _ in bars]
         values = [s for _, s, _ in bars]
         colors = ["tab:gray" if p == b else "tab:green" if s >= 1 else "tab:red" for p, s, b in bars]
-        ax.barh(range(len(bars)), values, color=colors)
+        # bars grow from the 1x line: right for faster than the baseline, left for slower
+        ax.barh(range(len(bars)), [abs(v - 1) or 1e-3 for v in values], left=[min(v, 1) for v in values],
+                color=colors)
         ax.set_yticks(range(len(bars)), names, fontsize=7)
         ax.set_xscale("log")
+        ax.set_xlim(min(values + [1]) / 2, max(values + [1]) * 2.5)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(title, fontsize=8)
-        ax.set_xlabel(f"speed-up vs {bars[0][2]} (x)", fontsize=7)
+        ax.set_xlabel(f"speed-up vs {bars[0][2]}", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
         for i, v in enumerate(values):
-            ax.annotate(f"{v:.2g}x", (v, i), fontsize=6, va="center", xytext=(2, 0), textcoords="offset points")
+            ax.annotate(f"{v:.3g}x", (max(v, 1), i), fontsize=6, va="center", xytext=(2, 0),
+                        textcoords="offset points")
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     dev = data["device"]

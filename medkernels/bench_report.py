@@ -125,11 +125,12 @@ def error_of(row):
     return None, None
 
 
-def _ms(v):
+def _ms(v, scale=None):
+    """Milliseconds with the decimals that suit `scale` (default: the value itself)."""
     if v is None:
         return "-"
-    ms = 1e3 * v
-    return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}" if ms < 1e4 else f"{ms:.0f}"
+    ms, ref = 1e3 * v, 1e3 * (v if scale is None else scale)
+    return f"{ms:.3f}" if ref < 1 else f"{ms:.1f}" if ref < 1e4 else f"{ms:.0f}"
 
 
 def _cells(row, model):
@@ -141,7 +142,7 @@ def _cells(row, model):
         note = (note + "; " if note else "") + f"compile+first call {row['first_call_s']:.1f} s"
     cells = [row["op"], row["pass"], row.get("label", ""), row["provider"]]
     if ok:
-        cells += [_ms(row["median_s"]), f"{_ms(row['min_s'])}-{_ms(row['max_s'])}"]
+        cells += [_ms(row["median_s"]), f"{_ms(row['min_s'], row['max_s'])}-{_ms(row['max_s'])}"]
     else:
         cells += [row["status"], ""]
     if model:
@@ -202,8 +203,10 @@ def load_json(path):
 def readme_block(data, source=None):
     """The text between a device's README markers, written from a run's JSON."""
     dev, env = data["device"], data["environment"]
+    commit = str(env.get("git_commit", "unknown"))
+    commit = commit[:12] + (" with local changes" if commit.endswith("-dirty") else "")
     head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads), torch {env.get('torch')}, "
-            f"commit {str(env.get('git_commit', 'unknown'))[:12]}, `python -m medkernels.bench --{data['mode']}`"
+            f"commit {commit}, `python -m medkernels.bench --{data['mode']}`"
             + (f"; figures in `{source}`" if source else "") + ":")
     notes = "".join(f"\n- {n}" for n in data["settings"].get("notes", []))
     return f"{head}\n{notes}\n\n{format_run(data, markdown=True)}"

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from . import _backend, ops
 from .bench_op import FWD_BWD, forward_backward, run_op_bench, status_row
-from .bench_timing import child_peak_mb, cuda_peak_mb
-from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref
+from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb
+from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref, direction_order
 from .ops.selective_scan_ref import selective_scan_ref
 from .ops.ss2d_scan_ref import ss2d_scan_ref
 
@@ -218,13 +218,18 @@ def scan_providers(device):
     return providers
 
 
+def _in_scan_order(x):
+    """(b, 4, c, H, W), slice k in pixel order -> (b, 4, c, H*W), slice k in direction k's scan order."""
+    return torch.stack([direction_order(x[:, k], k) for k in range(4)], 1)
+
+
 def _unfused_ss2d(t):
-    """SS2D without the fused op: materialise the four scan orders, scan, merge back."""
+    """SS2D without the fused op: materialise the four scan orders, scan, merge back (the per-direction
+    delta, B, C come in pixel order, as SS2D computes them, and are put in scan order in PyTorch)."""
     b, dim, h, w = t["u"].shape
-    in_order = lambda x: torch.stack([ops.cross_scan(x[:, k])[:, k] for k in range(4)], 1)  # noqa: E731
     y = ops.selective_scan(ops.cross_scan(t["u"]).reshape(b, 4 * dim, h * w),
-                           in_order(t["delta"]).reshape(b, 4 * dim, h * w), t["A"], in_order(t["B"]),
-                           in_order(t["C"]), D=t["D"], delta_bias=t["delta_bias"], delta_softplus=True)
+                           _in_scan_order(t["delta"]).reshape(b, 4 * dim, h * w), t["A"], _in_scan_order(t["B"]),
+                           _in_scan_order(t["C"]), D=t["D"], delta_bias=t["delta_bias"], delta_softplus=True)
     return ops.cross_merge(y.reshape(b, 4, dim, h, w)).reshape(b, dim, h, w)
 
 
@@ -241,9 +246,8 @@ def _external_ss2d(scan):
 
     def call(t):
         b, dim, h, w = t["u"].shape
-        order = lambda x: torch.stack([cross_scan_ref(x[:, k])[:, k] for k in range(4)], 1)  # noqa: E731
-        y = scan(cross_scan_ref(t["u"]).reshape(b, 4 * dim, h * w), order(t["delta"]).reshape(b, 4 * dim, h * w),
-                 t["A"], order(t["B"]), order(t["C"]), t["D"], t["delta_bias"])
+        y = scan(cross_scan_ref(t["u"]).reshape(b, 4 * dim, h * w), _in_scan_order(t["delta"]).reshape(b, 4 * dim, h * w),
+                 t["A"], _in_scan_order(t["B"]), _in_scan_order(t["C"]), t["D"], t["delta_bias"])
         return cross_merge_ref(y.reshape(b, 4, dim, h, w)).reshape(b, dim, h, w)
 
     return call
@@ -283,6 +287,9 @@ def cross_inputs(device, batch, dim, H, W):
     return {"x": torch.randn(batch, dim, H, W, generator=torch.Generator().manual_seed(0)).to(device)}
 
 
+QUICK_SS2D_MAMBAPY_NOTE = "skipped: --quick (mambapy's scan is timed in the selective_scan rows; --full times it here)"
+
+
 def _run_stages(op, make_shape, make_inputs, make_providers, device, time_call, warmup, repeats, quick, memory,
                 shapes, ref_bwd, compile_reason):
     rows = []
@@ -293,6 +300,8 @@ def _run_stages(op, make_shape, make_inputs, make_providers, device, time_call, 
         L = shape.get("L", shape.get("H", 1) * shape.get("W", 1))
         external = _external(device) if op != "cross_scan" else {}
         skip = _skips(providers, device, L, compile_reason(L), ref_bwd(shape), external)
+        if op == "ss2d_scan" and quick and "mambapy" in providers and ("mambapy", "forward") not in skip:
+            skip[("mambapy", "forward")] = skip[("mambapy", FWD_BWD)] = QUICK_SS2D_MAMBAPY_NOTE
         try:
             inputs = make_inputs(device, **shape)
         except Exception as exc:  # e.g. out of memory at a full-size shape
@@ -302,7 +311,9 @@ def _run_stages(op, make_shape, make_inputs, make_providers, device, time_call, 
         # in quick mode peak memory only at the first (largest) shape: on CPU each figure is a fresh process
         mem = _memory(op, shape, device) if memory and (not quick or i == 0) else None
         rows += run_op_bench(op, shape, inputs, providers, device, time_call, warmup, repeats, skip=skip, label=label,
-                             baselines=("ref", "mambapy", "mamba_ssm"), memory=mem)
+                             baselines=("ref", "mambapy", "mamba_ssm") + tuple(p for p in providers if p.endswith("-unfused")),
+                             memory=mem,
+                             budget_s=QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None)
     return rows
 
 

@@ -42,6 +42,17 @@ def time_call(fn, device, warmup, repeats):
     return summarize(times)
 
 
+# --quick caps the timed calls of a slow row at about this many seconds (never fewer than two calls)
+QUICK_ROW_BUDGET_S = 6.0
+
+
+def repeats_within(first_call_s, repeats, budget_s=None):
+    """`repeats`, lowered so that a row whose first call took `first_call_s` stays near `budget_s`."""
+    if budget_s is None or first_call_s * repeats <= budget_s:
+        return repeats
+    return max(2, min(repeats, int(budget_s / max(first_call_s, 1e-9))))
+
+
 def timed_first_call(fn, device):
     """Seconds of one call, synchronised (used for the first, compiling call of a torch.compile'd function)."""
     sync(device)

@@ -199,3 +199,21 @@ def test_official_ss2d_formulation_matches_the_fused_core():
             {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}))
     with torch.no_grad():
         assert torch.allclose(official(ss2d, x).reshape(2, ss2d.d_inner, 15), ss2d.forward_core(x), atol=1e-5)
+
+
+def test_quick_caps_the_repeats_of_slow_rows_only():
+    from medkernels.bench_timing import repeats_within
+
+    assert repeats_within(0.01, 3, budget_s=6.0) == 3
+    assert repeats_within(10.0, 3, budget_s=6.0) == 2  # never below two timed calls
+    assert repeats_within(10.0, 5, budget_s=None) == 5
+
+
+def test_skip_rules_name_their_reason():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "--quick" in bench_scan.compile_skip_reason(cpu, True, 49)
+    assert bench_scan.compile_skip_reason(cpu, False, 49) is None
+    assert "L = 3136" in bench_scan.compile_skip_reason(cuda, False, 3136)
+    assert "L = 3136" in bench_scan.ref_backward_skip_reason(cpu, 2, 384, 3136, 16)
+    assert bench_scan.ref_backward_skip_reason(cpu, 2, 3072, 49, 16) is None
+    assert bench_scan.ref_backward_skip_reason(cuda, 2, 384, 3136, 16) is None
