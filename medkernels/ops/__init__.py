@@ -1,6 +1,7 @@
 """medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
 from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv import depthwise_conv2d
+from .depthwise_layernorm import depthwise_conv2d_layernorm
 from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .selective_scan import selective_scan
 from .ss2d_scan import ss2d_scan
@@ -11,6 +12,7 @@ __all__ = [
     "cross_scan",
     "cross_merge",
     "depthwise_conv2d",
+    "depthwise_conv2d_layernorm",
     "hff_spatial_attention",
     "hff_channel_attention",
 ]
