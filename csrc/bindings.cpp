@@ -95,6 +95,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Backward of depthwise_conv2d_layernorm_fwd_cpu: (grad, x, weight, bias, ln_weight, ln_bias, stride, "
         "padding, eps) -> [dx, dweight, dbias, dln_weight, dln_bias].");
   // ---- end depthwise convolution ----
+  m.def("hff_spatial_gate_fwd_cpu", &medkernels::hff_spatial_gate_fwd_cpu, ReleaseGil(),
+        "HFF spatial gate (or x * gate) forward on CPU (see csrc/ops.h): -> [y, batch_mean, batch_var, "
+        "pooled, argmax].");
+  m.def("hff_spatial_gate_bwd_cpu", &medkernels::hff_spatial_gate_bwd_cpu, ReleaseGil(),
+        "HFF spatial gate backward on CPU (dx added into dx_accumulate when given): -> [dx, dconv_weight, "
+        "dbn_weight, dbn_bias].");
+  m.def("hff_channel_gate_fwd_cpu", &medkernels::hff_channel_gate_fwd_cpu, ReleaseGil(),
+        "HFF channel gate (or x * gate) forward on CPU: -> [y, pooled, argmax].");
+  m.def("hff_channel_gate_bwd_cpu", &medkernels::hff_channel_gate_bwd_cpu, ReleaseGil(),
+        "HFF channel gate backward on CPU (dx added into dx_accumulate when given): -> [dx, dfc1_weight, "
+        "dfc2_weight].");
+  m.def("hff_fused_tail_fwd_cpu", &medkernels::hff_fused_tail_fwd_cpu, ReleaseGil(),
+        "HFF fusion tail (gates, concatenation, channels-first LayerNorm) forward on CPU: -> [out, mean, rstd].");
+  m.def("hff_fused_tail_bwd_cpu", &medkernels::hff_fused_tail_bwd_cpu, ReleaseGil(),
+        "HFF fusion tail backward on CPU: -> [dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias].");
 #ifdef MEDKERNELS_WITH_CUDA
   m.def("selective_scan_fwd_cuda", &medkernels::selective_scan_fwd_cuda, ReleaseGil(),
         "Selective scan forward on CUDA: -> [out, last_state].");
@@ -118,6 +133,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_conv2d_layernorm_bwd_cuda", &medkernels::depthwise_conv2d_layernorm_bwd_cuda, ReleaseGil(),
         "Backward of depthwise_conv2d_layernorm_fwd_cuda: -> [dx, dweight, dbias, dln_weight, dln_bias].");
   // ---- end depthwise convolution ----
+  m.def("hff_spatial_gate_fwd_cuda", &medkernels::hff_spatial_gate_fwd_cuda, ReleaseGil(),
+        "HFF spatial gate (or x * gate) forward on CUDA: -> [y, batch_mean, batch_var, pooled, argmax].");
+  m.def("hff_spatial_gate_bwd_cuda", &medkernels::hff_spatial_gate_bwd_cuda, ReleaseGil(),
+        "HFF spatial gate backward on CUDA: -> [dx, dconv_weight, dbn_weight, dbn_bias].");
+  m.def("hff_channel_gate_fwd_cuda", &medkernels::hff_channel_gate_fwd_cuda, ReleaseGil(),
+        "HFF channel gate (or x * gate) forward on CUDA: -> [y, pooled, argmax].");
+  m.def("hff_channel_gate_bwd_cuda", &medkernels::hff_channel_gate_bwd_cuda, ReleaseGil(),
+        "HFF channel gate backward on CUDA: -> [dx, dfc1_weight, dfc2_weight].");
+  m.def("hff_fused_tail_fwd_cuda", &medkernels::hff_fused_tail_fwd_cuda, ReleaseGil(),
+        "HFF fusion tail forward on CUDA: -> [out, mean, rstd].");
+  m.def("hff_fused_tail_bwd_cuda", &medkernels::hff_fused_tail_bwd_cuda, ReleaseGil(),
+        "HFF fusion tail backward on CUDA: -> [dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias].");
 #endif
   m.def("build_info", &build_info,
         "How this extension was built: a dict with keys cuda, cuda_version, cuda_arch_list, "

@@ -75,6 +75,47 @@ std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, MEDKERN
 at::Tensor depthwise_conv2d_layernorm_fwd_cpu(MEDKERNELS_DEPTHWISE_LN_ARGS);
 std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cpu(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_LN_ARGS);
 // ---- end depthwise convolution ----
+// ---- HFF attentions and fusion tail (hff_attention_math.h has the formulas) -------------------------
+// acc = float32 for float16/bfloat16/float32 inputs, float64 for float64. Contiguous operands; small ones
+// (weights, running statistics, gates) in acc. gate_only returns the gate instead of x * gate.
+//
+// Spatial gate of x (B, C, H, W) T: conv_weight (1, 2, k, k) acc (k odd); bn_weight, bn_bias (1,) acc or
+// undefined; running_mean, running_var (1,) acc, used (and required) when !use_batch_stats.
+//   fwd -> {y, batch_mean, batch_var, pooled, argmax}: y = x * gate (B, C, H, W) T, or the gate (B, 1, H, W)
+//          acc; batch_mean and the unbiased batch_var of the map (1,) acc (empty (0,) without batch
+//          statistics); pooled (B, 2, H, W) acc = [max, mean] over C and argmax (B, H, W) int64 (first max).
+//   bwd -> {dx, dconv_weight, dbn_weight, dbn_bias} (dbn_* undefined when absent); grad is d loss / d y.
+//          With dx_accumulate (x's shape and dtype), dx is added into it in place and it is returned as dx.
+#define MEDKERNELS_HFF_SPATIAL_ARGS                                                                \
+  const at::Tensor &x, const at::Tensor &conv_weight, const c10::optional<at::Tensor> &bn_weight, \
+      const c10::optional<at::Tensor> &bn_bias, const c10::optional<at::Tensor> &running_mean,     \
+      const c10::optional<at::Tensor> &running_var, bool use_batch_stats, double eps, bool gate_only
+std::vector<at::Tensor> hff_spatial_gate_fwd_cpu(MEDKERNELS_HFF_SPATIAL_ARGS);
+std::vector<at::Tensor> hff_spatial_gate_bwd_cpu(const at::Tensor& grad, const at::Tensor& pooled,
+                                                 const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS,
+                                                 const c10::optional<at::Tensor>& dx_accumulate);
+// Channel gate of x (B, C, H, W) T: fc1_weight (hidden, C), fc2_weight (C, hidden) acc, no biases.
+//   fwd -> {y, pooled, argmax}: y = x * gate (B, C, H, W) T or the gate (B, C, 1, 1) acc; pooled (B, 2, C)
+//          acc = [max, mean] over H * W and argmax (B, C) int64 (first max, as a flat pixel index).
+//   bwd -> {dx, dfc1_weight, dfc2_weight}; dx_accumulate as for the spatial gate.
+#define MEDKERNELS_HFF_CHANNEL_ARGS \
+  const at::Tensor &x, const at::Tensor &fc1_weight, const at::Tensor &fc2_weight, bool gate_only
+std::vector<at::Tensor> hff_channel_gate_fwd_cpu(MEDKERNELS_HFF_CHANNEL_ARGS);
+std::vector<at::Tensor> hff_channel_gate_bwd_cpu(const at::Tensor& grad, const at::Tensor& pooled,
+                                                 const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS,
+                                                 const c10::optional<at::Tensor>& dx_accumulate);
+// Fusion tail: out = LayerNorm over channels of cat[g * channel_gate, l * spatial_gate, x_f].
+// l (B, C1, H, W), g (B, C2, H, W), x_f (B, Ci, H, W) T; spatial_gate (B, 1, H, W), channel_gate
+// (B, C2, 1, 1), ln_weight, ln_bias (C2 + C1 + Ci,) acc.
+//   fwd -> {out (B, C2 + C1 + Ci, H, W) T, mean (B, H, W) acc, rstd (B, H, W) acc}
+//   bwd -> {dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias} from dout and the saved
+//          mean and rstd.
+#define MEDKERNELS_HFF_TAIL_ARGS                                                                   \
+  const at::Tensor &l, const at::Tensor &g, const at::Tensor &x_f, const at::Tensor &spatial_gate, \
+      const at::Tensor &channel_gate, const at::Tensor &ln_weight, const at::Tensor &ln_bias
+std::vector<at::Tensor> hff_fused_tail_fwd_cpu(MEDKERNELS_HFF_TAIL_ARGS, double eps);
+std::vector<at::Tensor> hff_fused_tail_bwd_cpu(const at::Tensor& dout, MEDKERNELS_HFF_TAIL_ARGS,
+                                               const at::Tensor& mean, const at::Tensor& rstd);
 
 #ifdef MEDKERNELS_WITH_CUDA
 std::vector<at::Tensor> selective_scan_fwd_cuda(MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
@@ -93,6 +134,17 @@ std::vector<at::Tensor> depthwise_conv2d_bwd_cuda(const at::Tensor& grad, MEDKER
 at::Tensor depthwise_conv2d_layernorm_fwd_cuda(MEDKERNELS_DEPTHWISE_LN_ARGS);
 std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cuda(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_LN_ARGS);
 // ---- end depthwise convolution ----
+std::vector<at::Tensor> hff_spatial_gate_fwd_cuda(MEDKERNELS_HFF_SPATIAL_ARGS);
+std::vector<at::Tensor> hff_spatial_gate_bwd_cuda(const at::Tensor& grad, const at::Tensor& pooled,
+                                                  const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS,
+                                                  const c10::optional<at::Tensor>& dx_accumulate);
+std::vector<at::Tensor> hff_channel_gate_fwd_cuda(MEDKERNELS_HFF_CHANNEL_ARGS);
+std::vector<at::Tensor> hff_channel_gate_bwd_cuda(const at::Tensor& grad, const at::Tensor& pooled,
+                                                  const at::Tensor& argmax, MEDKERNELS_HFF_CHANNEL_ARGS,
+                                                  const c10::optional<at::Tensor>& dx_accumulate);
+std::vector<at::Tensor> hff_fused_tail_fwd_cuda(MEDKERNELS_HFF_TAIL_ARGS, double eps);
+std::vector<at::Tensor> hff_fused_tail_bwd_cuda(const at::Tensor& dout, MEDKERNELS_HFF_TAIL_ARGS,
+                                                const at::Tensor& mean, const at::Tensor& rstd);
 #endif
 
 }  // namespace medkernels

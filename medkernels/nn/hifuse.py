@@ -416,6 +416,10 @@ class HFFBlock(nn.Module):
     official ``main_model.py`` computes and what its reference logits match; a derived copy of the
     code that applies the sigmoid twice does not reproduce them);
     out = shortcut + drop_path(IRMLP(norm3(cat[g', l', X_f]))).
+
+    ``hff_attention_tail`` computes norm3(cat[g', l', X_f]) in one op from l, g and X_f: the attentions
+    run as gates that the fusion kernel applies while concatenating and normalising, so neither l', g'
+    nor the concatenation is materialised.
     """
 
     def __init__(self, ch_1, ch_2, r_2, ch_int, ch_out, drop_rate=0.0):
@@ -438,7 +442,9 @@ class HFFBlock(nn.Module):
         self.residual = IRMLP(ch_1 + ch_2 + ch_int, ch_out)
         self.drop_path = _maybe_drop_path(drop_rate)
 
-    def _spatial_attention(self, l):
+    def _spatial_bn_arguments(self, l):
+        """The spatial BatchNorm's (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) as
+        nn.BatchNorm2d would use them in this mode (counting the batch when it tracks statistics)."""
         bn = self.spatial.bn
         use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -447,17 +453,8 @@ class HFFBlock(nn.Module):
             if bn.momentum is None:
                 momentum = 1.0 / float(bn.num_batches_tracked)
         keep_stats = not bn.training or bn.track_running_stats
-        return _ops.hff_spatial_attention(
-            l,
-            self.spatial.conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if keep_stats else None,
-            bn.running_var if keep_stats else None,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=bn.eps,
-        )
+        return (bn.weight, bn.bias, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
+                use_batch_stats, momentum, bn.eps)
 
     def forward(self, l, g, f=None):
         w_local = self.W_l(l)
@@ -470,9 +467,11 @@ class HFFBlock(nn.Module):
             shortcut = None
             x_f = self.gelu(self.W(self.norm2(torch.cat([w_local, w_global], dim=1))))
 
-        l = self._spatial_attention(l)
-        g = _ops.hff_channel_attention(g, self.se[0].weight, self.se[2].weight)
-
-        fused = self.residual(self.norm3(torch.cat([g, l, x_f], dim=1)))
-        fused = self.drop_path(fused)
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, bn_eps = self._spatial_bn_arguments(l)
+        normed = _ops.hff_attention_tail(
+            l, g, x_f, self.spatial.conv.weight, bn_weight, bn_bias, running_mean, running_var, training,
+            self.se[0].weight, self.se[2].weight, self.norm3.weight, self.norm3.bias, momentum=momentum,
+            bn_eps=bn_eps, ln_eps=self.norm3.eps,
+        )
+        fused = self.drop_path(self.residual(normed))
         return fused if shortcut is None else shortcut + fused

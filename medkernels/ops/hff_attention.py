@@ -1,40 +1,147 @@
-"""medkernels.ops.hff_spatial_attention / hff_channel_attention: HiFuse's HFF attentions as ops."""
+"""medkernels.ops.hff_spatial_attention / hff_channel_attention (HiFuse's HFF attentions) and their gate
+forms hff_spatial_gate / hff_channel_gate: validation, backend dispatch, torch.library registration and
+autograd.
+
+One custom op per attention computes either ``x * gate`` or, with ``gate_only``, just the gate (in the
+accumulation dtype: float32, or float64 for float64 inputs), so that :func:`medkernels.ops.hff_fused_tail`
+can apply the gates without a gated copy of the input. The forward also returns the pooled values and
+their argmax, which the kernels' backward reuses instead of reading x again.
+"""
+import importlib
 from typing import List, Optional
 
 import torch
 
+from .. import _ext
 from .._backend import OpTable, resolve
 from ._common import check_same_device, check_tensor, vjp
-from .hff_attention_ref import hff_channel_attention_ref, hff_spatial_attention_ref
+from .hff_attention_ref import (
+    acc_dtype,
+    channel_pool_ref,
+    hff_channel_attention_ref,
+    hff_channel_gate_ref,
+    hff_spatial_attention_ref,
+    hff_spatial_gate_ref,
+    spatial_pool_ref,
+)
 
+
+def acc_operand(t, like):
+    """A small operand (weight, statistic, gate) as the kernels take it: contiguous, in `like`'s
+    accumulation dtype; None stays None."""
+    return None if t is None else t.to(acc_dtype(like)).contiguous()
+
+
+def restore_grad(grad, t):
+    """A kernel gradient back to its input's shape and dtype (None where the input is absent)."""
+    return None if t is None else grad.reshape(t.shape).to(t.dtype)
+
+
+# ---- implementations -----------------------------------------------------------------------------
 
 class _SpatialRefImpl:
-    forward = staticmethod(hff_spatial_attention_ref)
-
     @staticmethod
-    def backward(grad, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps):
+    def _fn(gate_only):
+        return hff_spatial_gate_ref if gate_only else hff_spatial_attention_ref
+
+    @classmethod
+    def forward(cls, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only):
+        y, mean, var = cls._fn(gate_only)(
+            x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps
+        )
+        pooled, argmax = spatial_pool_ref(x)
+        return [y.contiguous(), mean, var, pooled, argmax]
+
+    @classmethod
+    def backward(cls, grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                 use_batch_stats, eps, gate_only):
+        ref = cls._fn(gate_only)
+
         def fn(x, conv_weight, bn_weight, bn_bias):
-            return hff_spatial_attention_ref(
-                x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps
-            )[0]
+            return ref(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps)[0]
 
         return vjp(fn, (x, conv_weight, bn_weight, bn_bias), grad)
 
 
-class _ChannelRefImpl:
-    forward = staticmethod(hff_channel_attention_ref)
+class _SpatialKernelImpl:
+    """Adapts a backend's hff_spatial_gate_fwd/bwd (contracts in csrc/ops.h) to the op."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd, self.bwd = fwd, bwd
 
     @staticmethod
-    def backward(grad, x, fc1_weight, fc2_weight):
-        return vjp(hff_channel_attention_ref, (x, fc1_weight, fc2_weight), grad)
+    def _operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var):
+        return (x.contiguous(),) + tuple(acc_operand(t, x) for t in (conv_weight, bn_weight, bn_bias, running_mean, running_var))
+
+    def forward(self, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only):
+        operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
+        return list(self.fwd(*operands, use_batch_stats, eps, gate_only))
+
+    def backward(self, grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                 use_batch_stats, eps, gate_only):
+        grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
+        operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
+        grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), *operands, use_batch_stats, eps, gate_only,
+                         None)
+        return [restore_grad(g, t) for g, t in zip(grads, (x, conv_weight, bn_weight, bn_bias))]
+
+
+class _ChannelRefImpl:
+    @staticmethod
+    def _fn(gate_only):
+        return hff_channel_gate_ref if gate_only else hff_channel_attention_ref
+
+    @classmethod
+    def forward(cls, x, fc1_weight, fc2_weight, gate_only):
+        pooled, argmax = channel_pool_ref(x)
+        return [cls._fn(gate_only)(x, fc1_weight, fc2_weight).contiguous(), pooled, argmax]
+
+    @classmethod
+    def backward(cls, grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
+        return vjp(cls._fn(gate_only), (x, fc1_weight, fc2_weight), grad)
+
+
+class _ChannelKernelImpl:
+    """Adapts a backend's hff_channel_gate_fwd/bwd (contracts in csrc/ops.h) to the op."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd, self.bwd = fwd, bwd
+
+    def forward(self, x, fc1_weight, fc2_weight, gate_only):
+        return list(self.fwd(x.contiguous(), acc_operand(fc1_weight, x), acc_operand(fc2_weight, x), gate_only))
+
+    def backward(self, grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
+        grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
+        grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), x.contiguous(), acc_operand(fc1_weight, x),
+                         acc_operand(fc2_weight, x), gate_only, None)
+        return [restore_grad(g, t) for g, t in zip(grads, (x, fc1_weight, fc2_weight))]
 
 
 HFF_SPATIAL_ATTENTION = OpTable("hff_spatial_attention", ref=_SpatialRefImpl)
 HFF_CHANNEL_ATTENTION = OpTable("hff_channel_attention", ref=_ChannelRefImpl)
+for _device in ("cpu", "cuda"):
+    HFF_SPATIAL_ATTENTION.register(_device, lambda d=_device: _SpatialKernelImpl(
+        getattr(_ext.module(), f"hff_spatial_gate_fwd_{d}"), getattr(_ext.module(), f"hff_spatial_gate_bwd_{d}")))
+    HFF_CHANNEL_ATTENTION.register(_device, lambda d=_device: _ChannelKernelImpl(
+        getattr(_ext.module(), f"hff_channel_gate_fwd_{d}"), getattr(_ext.module(), f"hff_channel_gate_bwd_{d}")))
+
+
+def _triton_module():
+    return importlib.import_module("medkernels.kernels.hff_attention")
+
+
+HFF_SPATIAL_ATTENTION.register("triton", lambda: _SpatialKernelImpl(
+    _triton_module().hff_spatial_gate_fwd, _triton_module().hff_spatial_gate_bwd))
+HFF_CHANNEL_ATTENTION.register("triton", lambda: _ChannelKernelImpl(
+    _triton_module().hff_channel_gate_fwd, _triton_module().hff_channel_gate_bwd))
 
 
 def _empty_if_none(t, like):
     return t if t is not None else like.new_empty(0)
+
+
+def _contiguous_like(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- spatial attention ---------------------------------------------------------------------------
@@ -43,54 +150,111 @@ def _empty_if_none(t, like):
 def _spatial_fwd(
     x: torch.Tensor, conv_weight: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], use_batch_stats: bool, eps: float,
-    backend: str,
+    backend: str, gate_only: bool = False,
 ) -> List[torch.Tensor]:
-    out, mean, var = HFF_SPATIAL_ATTENTION.impl(backend).forward(
-        x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps
+    return HFF_SPATIAL_ATTENTION.impl(backend).forward(
+        x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only
     )
-    return [out, mean, var]
 
 
 @_spatial_fwd.register_fake
-def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend):
+def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend, gate_only=False):
+    B, _, H, W = x.shape
+    acc = acc_dtype(x)
+    y = x.new_empty(B, 1, H, W, dtype=acc) if gate_only else _contiguous_like(x)
     stats = 1 if use_batch_stats else 0
-    return [torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)]
+    return [y, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc), x.new_empty(B, 2, H, W, dtype=acc),
+            x.new_empty(B, H, W, dtype=torch.int64)]
 
 
 @torch.library.custom_op("medkernels::hff_spatial_attention_bwd", mutates_args=())
 def _spatial_bwd(
-    grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-    use_batch_stats: bool, eps: float, backend: str,
+    grad: torch.Tensor, pooled: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor], use_batch_stats: bool, eps: float, backend: str, gate_only: bool = False,
 ) -> List[torch.Tensor]:
     grads = HFF_SPATIAL_ATTENTION.impl(backend).backward(
-        grad, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps
+        grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
+        gate_only,
     )
     return [_empty_if_none(g, x) for g in grads]
 
 
 @_spatial_bwd.register_fake
-def _(grad, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend):
-    return [_empty_if_none(None if t is None else torch.empty_like(t), x) for t in (x, conv_weight, bn_weight, bn_bias)]
+def _(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
+      backend, gate_only=False):
+    like = (_contiguous_like(x),) + tuple(None if t is None else torch.empty_like(t) for t in (conv_weight, bn_weight, bn_bias))
+    return [_empty_if_none(t, x) for t in like]
 
 
 def _spatial_setup(ctx, inputs, output):
-    x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend = inputs
+    x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend, gate_only = inputs
     if use_batch_stats:  # the running stats are not used, and the caller updates them in place
         running_mean = running_var = None
-    ctx.save_for_backward(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
-    ctx.args = (use_batch_stats, eps, backend)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, output[3], output[4])
+    ctx.args = (use_batch_stats, eps, backend, gate_only)
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _spatial_backward(ctx, grads):
-    x, conv_weight, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
-    g = _spatial_bwd(grads[0], x, conv_weight, bn_weight, bn_bias, running_mean, running_var, *ctx.args)
+    x, conv_weight, bn_weight, bn_bias, running_mean, running_var, pooled, argmax = ctx.saved_tensors
+    use_batch_stats, eps, backend, gate_only = ctx.args
+    grad = grads[0]
+    if grad is None:
+        B, _, H, W = x.shape
+        grad = x.new_zeros(B, 1, H, W, dtype=acc_dtype(x)) if gate_only else torch.zeros_like(x)
+    g = _spatial_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                     use_batch_stats, eps, backend, gate_only)
     present = (x, conv_weight, bn_weight, bn_bias)
-    return tuple(gi if t is not None else None for gi, t in zip(g, present)) + (None,) * 5
+    return tuple(gi if t is not None else None for gi, t in zip(g, present)) + (None,) * 6
 
 
 _spatial_fwd.register_autograd(_spatial_backward, setup_context=_spatial_setup)
+
+
+def validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, name="x"):
+    """Checks the spatial attention's operands (the feature called `name`); returns use_batch_stats."""
+    check_tensor(x, name, ndim=4)
+    if x.shape[1] < 1 or x.shape[2] * x.shape[3] < 1:
+        raise ValueError(f"{name} must have at least one channel and one pixel, got shape {tuple(x.shape)}")
+    check_tensor(conv_weight, "conv_weight", ndim=4)
+    k = conv_weight.shape[-1]
+    if tuple(conv_weight.shape) != (1, 2, k, k) or k % 2 == 0:
+        raise ValueError(f"conv_weight must have shape (1, 2, k, k) with odd k, got {tuple(conv_weight.shape)}")
+    if k > 31:
+        raise ValueError(f"conv_weight's kernel size k = {k} is too large: k <= 31")
+    for arg, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(t, arg, ndim=1, optional=True)
+        if t is not None and t.shape[0] != 1:
+            raise ValueError(f"{arg} must have shape (1,), got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    check_same_device(**{name: x}, conv_weight=conv_weight, bn_weight=bn_weight, bn_bias=bn_bias,
+                      running_mean=running_mean, running_var=running_var)
+    use_batch_stats = bool(training) or running_mean is None
+    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"{name} of shape {tuple(x.shape)} has a single value per channel: batch statistics need more than one")
+    if training and running_mean is not None and not isinstance(momentum, (int, float)):
+        raise ValueError(f"momentum must be a number (cumulative averaging is not supported), got {momentum!r}")
+    return use_batch_stats
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum):
+    """The in-place running-statistics update of nn.BatchNorm2d in training mode (unbiased batch variance)."""
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(batch_var.to(running_var.dtype), momentum)
+
+
+def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
+    use_batch_stats = validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum)
+    backend = resolve(HFF_SPATIAL_ATTENTION, x.device)
+    y, mean, var, _, _ = _spatial_fwd(
+        x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, float(eps), backend, gate_only
+    )
+    update_running_stats(running_mean, running_var, mean, var, training, momentum)
+    return y
 
 
 def hff_spatial_attention(
@@ -102,84 +266,74 @@ def hff_spatial_attention(
     running_mean, running_var: ``(1,)`` or None. The BatchNorm behaves like ``F.batch_norm(..., training,
     momentum, eps)``: with ``training`` (or no running stats) it normalises with the batch statistics of
     the map and, when running stats are given and ``training``, updates them in place (unbiased variance).
-    Returns ``(B, C, H, W)``. Differentiable in x, conv_weight, bn_weight and bn_bias.
+    Returns ``(B, C, H, W)`` in x's dtype (the gate in float32, float64 for float64 x). Differentiable in x,
+    conv_weight, bn_weight and bn_bias.
     """
-    check_tensor(x, "x", ndim=4)
-    check_tensor(conv_weight, "conv_weight", ndim=4)
-    k = conv_weight.shape[-1]
-    if tuple(conv_weight.shape) != (1, 2, k, k) or k % 2 == 0:
-        raise ValueError(f"conv_weight must have shape (1, 2, k, k) with odd k, got {tuple(conv_weight.shape)}")
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
-        check_tensor(t, name, ndim=1, optional=True)
-        if t is not None and t.shape[0] != 1:
-            raise ValueError(f"{name} must have shape (1,), got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    check_same_device(x=x, conv_weight=conv_weight, bn_weight=bn_weight, bn_bias=bn_bias,
-                      running_mean=running_mean, running_var=running_var)
-    use_batch_stats = bool(training) or running_mean is None
-    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"x of shape {tuple(x.shape)} has a single value per channel: batch statistics need more than one")
-    if training and running_mean is not None and not isinstance(momentum, (int, float)):
-        raise ValueError(f"momentum must be a number (cumulative averaging is not supported), got {momentum!r}")
-    backend = resolve(HFF_SPATIAL_ATTENTION, x.device)
-    out, mean, var = _spatial_fwd(
-        x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, float(eps), backend
-    )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
-    return out
+    return _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, False)
+
+
+def hff_spatial_gate(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    """The gate of :func:`hff_spatial_attention`: ``sigmoid(BN(conv(cat[max_c x, mean_c x])))``.
+
+    Same arguments and BatchNorm semantics (running statistics updated in place when ``training``).
+    Returns ``(B, 1, H, W)`` in float32 (float64 for float64 x); ``x * gate`` is the attention's output.
+    """
+    return _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, True)
 
 
 # ---- channel attention ---------------------------------------------------------------------------
 
 @torch.library.custom_op("medkernels::hff_channel_attention_fwd", mutates_args=())
-def _channel_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, backend: str) -> torch.Tensor:
-    return HFF_CHANNEL_ATTENTION.impl(backend).forward(x, fc1_weight, fc2_weight)
+def _channel_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, backend: str,
+                 gate_only: bool = False) -> List[torch.Tensor]:
+    return HFF_CHANNEL_ATTENTION.impl(backend).forward(x, fc1_weight, fc2_weight, gate_only)
 
 
 @_channel_fwd.register_fake
-def _(x, fc1_weight, fc2_weight, backend):
-    return torch.empty_like(x)
+def _(x, fc1_weight, fc2_weight, backend, gate_only=False):
+    B, C = x.shape[:2]
+    acc = acc_dtype(x)
+    y = x.new_empty(B, C, 1, 1, dtype=acc) if gate_only else _contiguous_like(x)
+    return [y, x.new_empty(B, 2, C, dtype=acc), x.new_empty(B, C, dtype=torch.int64)]
 
 
 @torch.library.custom_op("medkernels::hff_channel_attention_bwd", mutates_args=())
 def _channel_bwd(
-    grad: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, backend: str
+    grad: torch.Tensor, pooled: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor, backend: str, gate_only: bool = False,
 ) -> List[torch.Tensor]:
-    return list(HFF_CHANNEL_ATTENTION.impl(backend).backward(grad, x, fc1_weight, fc2_weight))
+    return list(HFF_CHANNEL_ATTENTION.impl(backend).backward(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only))
 
 
 @_channel_bwd.register_fake
-def _(grad, x, fc1_weight, fc2_weight, backend):
-    return [torch.empty_like(x), torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)]
+def _(grad, pooled, argmax, x, fc1_weight, fc2_weight, backend, gate_only=False):
+    return [_contiguous_like(x), torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)]
 
 
 def _channel_setup(ctx, inputs, output):
-    x, fc1_weight, fc2_weight, backend = inputs
-    ctx.save_for_backward(x, fc1_weight, fc2_weight)
-    ctx.backend = backend
+    x, fc1_weight, fc2_weight, backend, gate_only = inputs
+    ctx.save_for_backward(x, fc1_weight, fc2_weight, output[1], output[2])
+    ctx.args = (backend, gate_only)
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _channel_backward(ctx, grad):
-    x, fc1_weight, fc2_weight = ctx.saved_tensors
-    gx, g1, g2 = _channel_bwd(grad, x, fc1_weight, fc2_weight, ctx.backend)
-    return gx, g1, g2, None
+def _channel_backward(ctx, grads):
+    x, fc1_weight, fc2_weight, pooled, argmax = ctx.saved_tensors
+    backend, gate_only = ctx.args
+    grad = grads[0]
+    if grad is None:
+        grad = x.new_zeros(*x.shape[:2], 1, 1, dtype=acc_dtype(x)) if gate_only else torch.zeros_like(x)
+    gx, g1, g2 = _channel_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, backend, gate_only)
+    return gx, g1, g2, None, None
 
 
 _channel_fwd.register_autograd(_channel_backward, setup_context=_channel_setup)
 
 
-def hff_channel_attention(x, fc1_weight, fc2_weight):
-    """HiFuse HFF channel attention: ``x * sigmoid(mlp(maxpool(x)) + mlp(avgpool(x)))``.
-
-    x: ``(B, C, H, W)``; fc1_weight: ``(C // r, C)`` or ``(C // r, C, 1, 1)``; fc2_weight: ``(C, C // r)`` or
-    ``(C, C // r, 1, 1)``; mlp(v) = fc2(relu(fc1(v))) without biases; pooling over H and W.
-    Returns ``(B, C, H, W)``. Differentiable in x, fc1_weight and fc2_weight.
-    """
-    check_tensor(x, "x", ndim=4)
+def validate_channel(x, fc1_weight, fc2_weight, name="x"):
+    """Checks the channel attention's operands (the feature called `name`); returns the weights as
+    (C // r, C) and (C, C // r) matrices."""
+    check_tensor(x, name, ndim=4)
     check_tensor(fc1_weight, "fc1_weight", ndim=(2, 4))
     check_tensor(fc2_weight, "fc2_weight", ndim=(2, 4))
     channels = x.shape[1]
@@ -191,6 +345,32 @@ def hff_channel_attention(x, fc1_weight, fc2_weight):
     if (fc2_weight.dim() == 4 and fc2_weight.shape[2:] != (1, 1)) or tuple(w2.shape) != (channels, hidden):
         raise ValueError(f"fc2_weight must have shape (C, C // r) = ({channels}, {hidden}) (or with 1x1 dims), got {tuple(fc2_weight.shape)}")
     if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"x must have a non-empty spatial size to pool over, got {tuple(x.shape)}")
-    check_same_device(x=x, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
-    return _channel_fwd(x, w1, w2, resolve(HFF_CHANNEL_ATTENTION, x.device))
+        raise ValueError(f"{name} must have a non-empty spatial size to pool over, got {tuple(x.shape)}")
+    if channels == 0:
+        raise ValueError(f"{name} must have at least one channel, got shape {tuple(x.shape)}")
+    check_same_device(**{name: x}, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+    return w1, w2
+
+
+def _channel(x, fc1_weight, fc2_weight, gate_only):
+    w1, w2 = validate_channel(x, fc1_weight, fc2_weight)
+    return _channel_fwd(x, w1, w2, resolve(HFF_CHANNEL_ATTENTION, x.device), gate_only)[0]
+
+
+def hff_channel_attention(x, fc1_weight, fc2_weight):
+    """HiFuse HFF channel attention: ``x * sigmoid(mlp(maxpool(x)) + mlp(avgpool(x)))``.
+
+    x: ``(B, C, H, W)``; fc1_weight: ``(C // r, C)`` or ``(C // r, C, 1, 1)``; fc2_weight: ``(C, C // r)`` or
+    ``(C, C // r, 1, 1)``; mlp(v) = fc2(relu(fc1(v))) without biases; pooling over H and W.
+    Returns ``(B, C, H, W)`` in x's dtype. Differentiable in x, fc1_weight and fc2_weight.
+    """
+    return _channel(x, fc1_weight, fc2_weight, False)
+
+
+def hff_channel_gate(x, fc1_weight, fc2_weight):
+    """The gate of :func:`hff_channel_attention`: ``sigmoid(mlp(maxpool(x)) + mlp(avgpool(x)))``.
+
+    Same arguments. Returns ``(B, C, 1, 1)`` in float32 (float64 for float64 x); ``x * gate`` is the
+    attention's output.
+    """
+    return _channel(x, fc1_weight, fc2_weight, True)

@@ -1,0 +1,80 @@
+// Small helpers of the HFF CPU kernels (hff_attention_cpu.cpp, hff_fused_tail_cpu.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__GNUC__)
+#define MK_HFF_INLINE inline __attribute__((always_inline))
+#else
+#define MK_HFF_INLINE inline
+#endif
+
+// The per-task bodies of the compute-heavy kernels are compiled twice, for AVX2 + FMA and for the baseline
+// ISA of the build, and the AVX2 version runs when the CPU has it. Both sum in the same order; the AVX2 one
+// may contract a * b + c into an FMA, so the two can differ in the last bit (each is deterministic).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEDKERNELS_HFF_FORCE_GENERIC)
+#define MK_HFF_X86_DISPATCH 1
+#define MK_HFF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace medkernels {
+namespace hff_cpu {
+
+inline bool use_avx2() {
+#ifdef MK_HFF_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Independent partial sums per lane: the compiler vectorises the lane loop without being allowed to
+// reorder floating-point additions, and the summation order stays fixed (deterministic). Few lanes keep
+// the final combination cheap for the short sums over a tile.
+constexpr int64_t kLanes = 8;
+
+// sum over i < n of term(i), in kLanes interleaved partial sums combined in lane order.
+template <typename acc_t, typename Term>
+MK_HFF_INLINE acc_t lane_sum(int64_t n, Term&& term) {
+  acc_t part[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) part[j] = acc_t(0);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += term(i + j);
+  }
+  acc_t sum = acc_t(0);
+  for (int64_t j = 0; j < kLanes; ++j) sum += part[j];
+  for (; i < n; ++i) sum += term(i);
+  return sum;
+}
+
+// Prefetches the n elements at p (for writing when kWrite): the row segments the kernels walk are short and
+// one per page, which the hardware prefetchers do not follow.
+template <int kWrite, typename T>
+MK_HFF_INLINE void prefetch_span(const T* p, int64_t n) {
+  constexpr int64_t step = std::max<int64_t>(1, int64_t(64) / int64_t(sizeof(T)));
+  for (int64_t i = 0; i < n; i += step) __builtin_prefetch(p + i, kWrite);
+  if (n > 0) __builtin_prefetch(p + n - 1, kWrite);
+}
+
+// Channels ahead of the current one whose row segments are prefetched.
+constexpr int64_t kPrefetchAhead = 4;
+
+// Pixel tiles of one image: `tiles` tiles of at most `tile` pixels.
+struct PixelTiles {
+  int64_t tile, tiles;
+  PixelTiles(int64_t pixels, int64_t max_tile)
+      : tile(std::max<int64_t>(1, std::min(pixels, max_tile))), tiles((pixels + tile - 1) / tile) {}
+  int64_t begin(int64_t t) const { return t * tile; }
+  int64_t size(int64_t t, int64_t pixels) const { return std::min(tile, pixels - t * tile); }
+};
+
+// Grain (in rows of `row_len` elements) that gives each parallel chunk at least ~32k elements.
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_len));
+}
+
+}  // namespace hff_cpu
+}  // namespace medkernels

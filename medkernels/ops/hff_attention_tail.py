@@ -1,0 +1,205 @@
+"""medkernels.ops.hff_attention_tail: HFFBlock's spatial attention, channel attention, concatenation and norm3 as
+one op (validation, backend dispatch, torch.library registration and autograd).
+
+The same computation as hff_spatial_gate + hff_channel_gate + hff_fused_tail, in one custom op: its backward
+adds the gates' pooling gradients in place into the tail's d loss / d l and d loss / d g (instead of autograd
+summing separate full-size gradients), and the three kernels' per-call overhead is paid once.
+"""
+import importlib
+from typing import List, Optional
+
+import torch
+
+from .. import _ext
+from .._backend import OpTable, resolve
+from ._common import vjp
+from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
+from .hff_attention_ref import acc_dtype, channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
+from .hff_attention_tail_ref import hff_attention_tail_ref
+from .hff_fused_tail import validate_tail
+from .hff_fused_tail_ref import hff_fused_tail_ref
+
+# The forward's outputs after (out, batch_mean, batch_var), saved for the backward:
+# spatial pooled (B, 2, H, W) and argmax (B, H, W), channel pooled (B, 2, C2) and argmax (B, C2), the gates
+# (B, 1, H, W) and (B, C2, 1, 1), and the LayerNorm's mean and rstd (B, H, W); acc dtype, argmax int64.
+SAVED = ("spatial_pooled", "spatial_argmax", "channel_pooled", "channel_argmax", "spatial_gate", "channel_gate",
+         "mean", "rstd")
+
+
+class _RefImpl:
+    @staticmethod
+    def forward(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, bn_eps,
+                fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
+        sg, batch_mean, batch_var = hff_spatial_gate_ref(l, conv_weight, bn_weight, bn_bias, running_mean,
+                                                         running_var, use_batch_stats, bn_eps)
+        cg = hff_channel_gate_ref(g, fc1_weight, fc2_weight)
+        out, mean, rstd = hff_fused_tail_ref(l, g, x_f, sg, cg, ln_weight, ln_bias, ln_eps)
+        return [out.contiguous(), batch_mean, batch_var, *spatial_pool_ref(l), *channel_pool_ref(g), sg, cg, mean, rstd]
+
+    @staticmethod
+    def backward(dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
+                 bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
+        def fn(l, g, x_f, conv_weight, bn_weight, bn_bias, fc1_weight, fc2_weight, ln_weight, ln_bias):
+            return hff_attention_tail_ref(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                                          use_batch_stats, bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps)[0]
+
+        return vjp(fn, (l, g, x_f, conv_weight, bn_weight, bn_bias, fc1_weight, fc2_weight, ln_weight, ln_bias), dout)
+
+
+class _KernelImpl:
+    """The backend's spatial gate, channel gate and fusion tail kernels (contracts in csrc/ops.h) in sequence;
+    the backward passes the tail's dl and dg to the gates' backward kernels to accumulate into."""
+
+    def __init__(self, kernels):
+        (self.spatial_fwd, self.spatial_bwd, self.channel_fwd, self.channel_bwd, self.tail_fwd,
+         self.tail_bwd) = kernels
+
+    @staticmethod
+    def _small(l, *tensors):
+        return [acc_operand(t, l) for t in tensors]
+
+    def forward(self, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, bn_eps,
+                fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
+        l, g, x_f = l.contiguous(), g.contiguous(), x_f.contiguous()
+        sg, batch_mean, batch_var, sp_pooled, sp_argmax = self.spatial_fwd(
+            l, *self._small(l, conv_weight, bn_weight, bn_bias, running_mean, running_var), use_batch_stats, bn_eps, True)
+        cg, ch_pooled, ch_argmax = self.channel_fwd(g, *self._small(l, fc1_weight, fc2_weight), True)
+        out, mean, rstd = self.tail_fwd(l, g, x_f, sg, cg, *self._small(l, ln_weight, ln_bias), ln_eps)
+        return [out, batch_mean, batch_var, sp_pooled, sp_argmax, ch_pooled, ch_argmax, sg, cg, mean, rstd]
+
+    def backward(self, dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                 use_batch_stats, bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
+        sp_pooled, sp_argmax, ch_pooled, ch_argmax, sg, cg, mean, rstd = saved
+        l, g, x_f = l.contiguous(), g.contiguous(), x_f.contiguous()
+        ln = self._small(l, ln_weight, ln_bias)
+        dl, dg, dx_f, dsg, dcg, dln_w, dln_b = self.tail_bwd(dout.to(l.dtype).contiguous(), l, g, x_f, sg, cg, *ln,
+                                                              mean, rstd)
+        spatial = self._small(l, conv_weight, bn_weight, bn_bias, running_mean, running_var)
+        dl, dconv, dbn_w, dbn_b = self.spatial_bwd(dsg, sp_pooled, sp_argmax, l, *spatial, use_batch_stats, bn_eps,
+                                                   True, dl)
+        dg, dfc1, dfc2 = self.channel_bwd(dcg, ch_pooled, ch_argmax, g, *self._small(l, fc1_weight, fc2_weight), True,
+                                          dg)
+        grads = (dl, dg, dx_f, dconv, dbn_w, dbn_b, dfc1, dfc2, dln_w, dln_b)
+        inputs = (l, g, x_f, conv_weight, bn_weight, bn_bias, fc1_weight, fc2_weight, ln_weight, ln_bias)
+        return [restore_grad(d, t) for d, t in zip(grads, inputs)]
+
+
+def _compiled_kernels(device):
+    m = _ext.module()
+    names = ("hff_spatial_gate_fwd", "hff_spatial_gate_bwd", "hff_channel_gate_fwd", "hff_channel_gate_bwd",
+             "hff_fused_tail_fwd", "hff_fused_tail_bwd")
+    return _KernelImpl([getattr(m, f"{name}_{device}") for name in names])
+
+
+def _triton_kernels():
+    gates = importlib.import_module("medkernels.kernels.hff_attention")
+    tail = importlib.import_module("medkernels.kernels.hff_fused_tail")
+    return _KernelImpl([gates.hff_spatial_gate_fwd, gates.hff_spatial_gate_bwd, gates.hff_channel_gate_fwd,
+                        gates.hff_channel_gate_bwd, tail.hff_fused_tail_fwd, tail.hff_fused_tail_bwd])
+
+
+HFF_ATTENTION_TAIL = OpTable("hff_attention_tail", ref=_RefImpl)
+HFF_ATTENTION_TAIL.register("cpu", lambda: _compiled_kernels("cpu"))
+HFF_ATTENTION_TAIL.register("cuda", lambda: _compiled_kernels("cuda"))
+HFF_ATTENTION_TAIL.register("triton", _triton_kernels)
+
+
+@torch.library.custom_op("medkernels::hff_attention_tail_fwd", mutates_args=())
+def _fwd(
+    l: torch.Tensor, g: torch.Tensor, x_f: torch.Tensor, conv_weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+    use_batch_stats: bool, bn_eps: float, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor, ln_eps: float, backend: str,
+) -> List[torch.Tensor]:
+    return HFF_ATTENTION_TAIL.impl(backend).forward(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
+                                                    running_var, use_batch_stats, bn_eps, fc1_weight, fc2_weight,
+                                                    ln_weight, ln_bias, ln_eps)
+
+
+@_fwd.register_fake
+def _(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, bn_eps, fc1_weight,
+      fc2_weight, ln_weight, ln_bias, ln_eps, backend):
+    B, C1, H, W = l.shape
+    C2 = g.shape[1]
+    acc, stats = acc_dtype(l), (1 if use_batch_stats else 0)
+    new = lambda *shape, dtype=acc: l.new_empty(*shape, dtype=dtype)  # noqa: E731
+    return [l.new_empty(B, C1 + C2 + x_f.shape[1], H, W), new(stats), new(stats), new(B, 2, H, W),
+            new(B, H, W, dtype=torch.int64), new(B, 2, C2), new(B, C2, dtype=torch.int64), new(B, 1, H, W),
+            new(B, C2, 1, 1), new(B, H, W), new(B, H, W)]
+
+
+@torch.library.custom_op("medkernels::hff_attention_tail_bwd", mutates_args=())
+def _bwd(
+    dout: torch.Tensor, saved: List[torch.Tensor], l: torch.Tensor, g: torch.Tensor, x_f: torch.Tensor,
+    conv_weight: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], use_batch_stats: bool, bn_eps: float,
+    fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, ln_eps: float,
+    backend: str,
+) -> List[torch.Tensor]:
+    grads = HFF_ATTENTION_TAIL.impl(backend).backward(dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias,
+                                                      running_mean, running_var, use_batch_stats, bn_eps, fc1_weight,
+                                                      fc2_weight, ln_weight, ln_bias, ln_eps)
+    return [g_ if g_ is not None else l.new_empty(0) for g_ in grads]
+
+
+@_bwd.register_fake
+def _(dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, bn_eps,
+      fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps, backend):
+    inputs = (l, g, x_f, conv_weight, bn_weight, bn_bias, fc1_weight, fc2_weight, ln_weight, ln_bias)
+    return [l.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+
+
+_DIFFERENTIABLE = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13)  # l, g, x_f, conv and BN weights, fc weights, norm weights
+
+
+def _setup(ctx, inputs, output):
+    inputs = list(inputs)
+    if inputs[8]:  # use_batch_stats: the running stats are not used, and the caller updates them in place
+        inputs[6] = inputs[7] = None
+    tensors = [inputs[i] for i in range(8)] + inputs[10:14]
+    ctx.save_for_backward(*tensors, *output[3:])
+    ctx.args = (inputs[8], inputs[9], inputs[14], inputs[15])  # use_batch_stats, bn_eps, ln_eps, backend
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, fc1, fc2, ln_w, ln_b = saved[:12]
+    use_batch_stats, bn_eps, ln_eps, backend = ctx.args
+    dout = grads[0]
+    if dout is None:
+        dout = l.new_zeros(l.shape[0], l.shape[1] + g.shape[1] + x_f.shape[1], *l.shape[2:])
+    d = _bwd(dout, list(saved[12:]), l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+             use_batch_stats, bn_eps, fc1, fc2, ln_w, ln_b, ln_eps, backend)
+    result = [None] * 16
+    for slot, gi in zip(_DIFFERENTIABLE, d):
+        result[slot] = gi if saved[slot if slot < 8 else slot - 2] is not None else None
+    return tuple(result)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, fc1_weight,
+                       fc2_weight, ln_weight, ln_bias, momentum=0.1, bn_eps=1e-5, ln_eps=1e-6):
+    """HFFBlock's ``norm3(cat[g * channel_gate(g), l * spatial_gate(l), x_f])`` in one op.
+
+    l: ``(B, C1, H, W)`` local feature, g: ``(B, C2, H, W)`` global feature, x_f: ``(B, Ci, H, W)`` fused feature,
+    one dtype. The spatial gate of l is :func:`hff_spatial_gate`'s (conv_weight ``(1, 2, k, k)``; bn_weight,
+    bn_bias, running_mean, running_var ``(1,)`` or None; BatchNorm as ``F.batch_norm(..., training, momentum,
+    bn_eps)``, running statistics updated in place when ``training``), the channel gate of g is
+    :func:`hff_channel_gate`'s (fc1_weight ``(C2 // r, C2)``, fc2_weight ``(C2, C2 // r)``, or with 1x1 dims),
+    and the LayerNorm over the C2 + C1 + Ci channels is :func:`hff_fused_tail`'s (ln_weight, ln_bias
+    ``(C2 + C1 + Ci,)``, ``ln_eps``). Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in l, g, x_f
+    and every weight.
+    """
+    use_batch_stats = validate_spatial(l, conv_weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                       momentum, name="l")
+    w1, w2 = validate_channel(g, fc1_weight, fc2_weight, name="g")
+    validate_tail(l, g, x_f, ln_weight, ln_bias)
+    backend = resolve(HFF_ATTENTION_TAIL, l.device)
+    out, batch_mean, batch_var, *_ = _fwd(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                                          use_batch_stats, float(bn_eps), w1, w2, ln_weight, ln_bias, float(ln_eps),
+                                          backend)
+    update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum)
+    return out

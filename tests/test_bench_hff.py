@@ -1,0 +1,24 @@
+"""The HFF benchmark harness (no timing is asserted): rows are complete and consistent with the measured times."""
+import torch
+
+from medkernels import bench, bench_hff
+
+
+def test_hff_bench_rows_are_consistent():
+    device = torch.device("cpu")
+    rows = bench_hff.bench_hff(device, bench.time_call, 0, 2, quick=True, scales=((32, 5),), batch=2)
+    providers = set(bench_hff.hff_providers(device))
+    assert {r["provider"] for r in rows if r["op"] == "hff_attention_tail"} == providers
+    assert {r["provider"] for r in rows if r["op"] == "hff_block"} == providers - {"compile"}
+    assert {(r["op"], r["pass"]) for r in rows} == {("hff_attention_tail", "forward"),
+                                                     ("hff_attention_tail", "forward+backward"),
+                                                     ("hff_block", "forward+backward")}
+    for row in rows:
+        base = next(r for r in rows if r["op"] == row["op"] and r["pass"] == row["pass"] and r["provider"] == "eager")
+        assert row["baseline"] == "eager" and row["speedup"] == base["median_s"] / row["median_s"]
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["repeats"] == (2 if row["op"] == "hff_attention_tail" else 1)  # quick: the block gets half
+        assert row["shape"] == {"batch": 2, "channels": 32, "H": 5, "W": 5, "dtype": "float32"}
+        assert row["max_abs_err_vs_ref"] < 1e-4, row
+    table = bench_hff.format_rows(rows)
+    assert table.count("\n") == len(rows) + 1 and "hff_attention_tail  forward" in table

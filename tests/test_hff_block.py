@@ -1,0 +1,144 @@
+"""medkernels.nn.HFFBlock (fused attention gates and tail) on every backend against the official block's
+forward written in plain PyTorch on the same modules, in float64: outputs, input and parameter gradients and
+the BatchNorm running statistics after a training step, at the four HiFuse widths."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medkernels
+from medkernels.nn import HFFBlock
+
+from hff_utils import assert_close_scaled, rand, randn
+
+WIDTHS = [96, 192, 384, 768]  # hifuse: ch_1 = ch_2 = ch_int = ch_out = C, r_2 = 16
+BATCH, H, W = 2, 5, 3
+
+
+def official_forward(block, l, g, f):
+    """HFF_block.forward of the official HiFuse main_model.py, with the block's own modules."""
+    w_local, w_global = block.W_l(l), block.W_g(g)
+    if f is not None:
+        w_f = F.avg_pool2d(block.Updim(f), 2, 2)
+        shortcut = w_f
+        x_f = block.gelu(block.W3(block.norm1(torch.cat([w_f, w_local, w_global], 1))))
+    else:
+        shortcut = 0
+        x_f = block.gelu(block.W(block.norm2(torch.cat([w_local, w_global], 1))))
+    pooled = torch.cat([torch.max(l, 1, keepdim=True)[0], torch.mean(l, 1, keepdim=True)], 1)
+    l = torch.sigmoid(block.spatial(pooled)) * l
+    se_max, se_avg = block.se(F.adaptive_max_pool2d(g, 1)), block.se(F.adaptive_avg_pool2d(g, 1))
+    g = torch.sigmoid(se_max + se_avg) * g
+    fuse = block.residual(block.norm3(torch.cat([g, l, x_f], 1)))
+    return shortcut + block.drop_path(fuse)
+
+
+def _randomized_block(width):
+    torch.manual_seed(width)
+    block = HFFBlock(width, width, 16, width, width)
+    with torch.no_grad():
+        for i, (name, t) in enumerate(sorted(block.state_dict().items())):
+            if name.endswith("running_mean"):
+                t.copy_(randn(t.shape, i, torch.float32, scale=0.2))
+            elif name.endswith("running_var"):
+                t.copy_(rand(t.shape, i, torch.float32, low=0.5, high=1.5))
+            elif t.dim() == 1 and t.is_floating_point():  # norm and BatchNorm weights and biases
+                t.copy_(randn(t.shape, i, torch.float32, scale=0.2, shift=1.0 if name.endswith("weight") else 0.0))
+    return block
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    """width -> (the float32 block, its initial buffers); built once (the 768-wide IRMLP holds ~76M
+    parameters). A test restores the buffers (BatchNorm statistics) it changed."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def references():
+    """(width, with_f, training) -> float64 results of the official forward."""
+    return {}
+
+
+def _inputs(width, with_f):
+    l = randn((BATCH, width, H, W), 1, scale=1.5)
+    g = randn((BATCH, width, H, W), 2, shift=0.2)
+    f = randn((BATCH, width // 2, 2 * H, 2 * W), 3) if with_f else None
+    return [l, g, f]
+
+
+def _checked_parameters(block, width):
+    """All parameters at the smallest width; outside the IRMLP (``residual``: dense convolutions, plain PyTorch,
+    whose weight gradients cost seconds at 3 * 768 channels) at the others."""
+    return {k: v for k, v in block.named_parameters() if width == WIDTHS[0] or not k.startswith("residual.")}
+
+
+def _step(block, forward, inputs, training):
+    """One forward and backward; returns (output, input grads, {param: grad}, {buffer: value after})."""
+    block.train(training)
+    inputs = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    out = forward(block, *inputs)
+    params = _checked_parameters(block, block.norm3.weight.shape[0] // 3)
+    leaves = [t for t in inputs if t is not None] + list(params.values())
+    grads = torch.autograd.grad(out, leaves, randn(out.shape, 4, out.dtype), allow_unused=True)
+    n = sum(t is not None for t in inputs)
+    return out, grads[:n], dict(zip(params, grads[n:])), {k: v.clone() for k, v in block.named_buffers()}
+
+
+def _reference(block, initial, references, width, with_f, training):
+    key = (width, with_f, training)
+    if key not in references:
+        block64 = copy.deepcopy(block).double()
+        block64.load_state_dict(initial, strict=False)
+        references[key] = _step(block64, official_forward, _inputs(width, with_f), training)
+    return references[key]
+
+
+# per dtype: (output, input-gradient, parameter-gradient) tolerance relative to each tensor's largest magnitude
+TOLERANCES = {torch.float32: (1e-4, 1e-4, 2e-4), torch.float64: (1e-10, 1e-10, 1e-10)}
+
+
+def _cases():
+    """Every width on every backend, and with or without the previous fused feature f, in training and in eval
+    mode, all four combinations across the widths (two per width, to keep the 3 * 768-channel IRMLP's cost)."""
+    pairs = [((True, True), (False, False)), ((False, True), (True, False))]
+    cases = []
+    for i, width in enumerate(WIDTHS):
+        for with_f, training in pairs[i % 2]:
+            name = f"{width}-{'with-f' if with_f else 'first-block'}-{'train' if training else 'eval'}"
+            cases.append(pytest.param(width, with_f, training, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("width, with_f, training", _cases())
+def test_hff_block_matches_official(device_backend, blocks, references, width, with_f, training):
+    device, backend = device_backend
+    if width not in blocks:
+        block = _randomized_block(width)
+        blocks[width] = (block, {k: v.clone() for k, v in block.named_buffers()})
+    block, initial = blocks[width]
+    dtype = torch.float64 if (backend == "cpu" and width == WIDTHS[0]) else torch.float32
+    expected = _reference(block, initial, references, width, with_f, training)
+    if device.type != "cpu" or dtype != torch.float32:
+        block = copy.deepcopy(block).to(device=device, dtype=dtype)
+    inputs = [None if t is None else t.to(device=device, dtype=dtype) for t in _inputs(width, with_f)]
+    try:
+        with medkernels.use_backend(backend):
+            got = _step(block, lambda b, *a: b(*a), inputs, training)
+    finally:
+        block.load_state_dict(initial, strict=False)
+    out_tol, input_tol, param_tol = TOLERANCES[dtype]
+    assert got[0].dtype == dtype
+    assert_close_scaled(got[0], expected[0], out_tol, "output")
+    for name, a, b in zip("lgf", got[1], expected[1]):
+        assert_close_scaled(a, b, input_tol, f"grad {name}")
+    for name, b in expected[2].items():
+        a = got[2][name]
+        assert (a is None) == (b is None), f"{name}: gradient presence differs from the official block"
+        if b is not None:
+            assert_close_scaled(a, b, param_tol, f"grad {name}")
+    for name, b in expected[3].items():
+        assert_close_scaled(got[3][name], b, out_tol, f"buffer {name}")
+    spatial_stats_moved = not torch.equal(expected[3]["spatial.bn.running_mean"], initial["spatial.bn.running_mean"].double())
+    assert spatial_stats_moved == training

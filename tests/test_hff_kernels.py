@@ -1,0 +1,406 @@
+"""The fused HFF ops (spatial and channel gates / attentions, the fusion tail) on every backend against their
+float64 references: outputs, gradients, BatchNorm running statistics, the pooling's ties, determinism,
+torch.library registration and bad inputs."""
+import pytest
+import torch
+
+import medkernels
+from medkernels import _ext
+from medkernels.ops import (
+    hff_attention_tail,
+    hff_channel_attention,
+    hff_channel_gate,
+    hff_fused_tail,
+    hff_spatial_attention,
+    hff_spatial_gate,
+)
+from medkernels.ops.hff_attention_ref import (
+    hff_channel_attention_ref,
+    hff_channel_gate_ref,
+    hff_spatial_attention_ref,
+    hff_spatial_gate_ref,
+)
+from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
+from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
+
+from hff_utils import DTYPE_TOLERANCES, assert_close_scaled, channels_last_like, rand, randn
+
+DTYPES = [pytest.param(dt, id=str(dt).split(".")[-1]) for dt in DTYPE_TOLERANCES]
+
+
+def _shape(backend):
+    """(B, C, H, W): more pixels than one CPU tile (256) for the compiled kernels; tiny under the interpreter."""
+    return (2, 5, 3, 4) if backend == "triton" else (2, 19, 37, 9)
+
+
+def _grads(out, inputs, seed):
+    cot = randn(out.shape, seed, out.dtype)
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], cot)
+
+
+def _leaves(tensors, dtype, device):
+    return [None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+
+
+# ---- spatial gate ------------------------------------------------------------------------------------------
+
+def _spatial_params(seed, k=7):
+    return [randn((1, 2, k, k), seed, scale=0.3), rand((1,), seed + 1, low=0.5, high=1.5),
+            randn((1,), seed + 2, scale=0.5)]
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate_only", [True, False], ids=["gate", "attention"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_spatial_matches_reference(device_backend, dtype, gate_only, training):
+    device, backend = device_backend
+    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    shape = _shape(backend)
+    x64 = randn(shape, 0, scale=2.0, shift=0.5)
+    stats64 = [randn((1,), 4, scale=0.1), rand((1,), 5, low=1.0, high=2.0)]
+    x = channels_last_like(x64.to(dtype)).to(device).requires_grad_(True)
+    params64 = _spatial_params(1)
+    params = _leaves(params64, dtype, device)
+    running = [s.to(device=device, dtype=dtype).clone() for s in stats64]
+    fn = hff_spatial_gate if gate_only else hff_spatial_attention
+    with medkernels.use_backend(backend):
+        out = fn(x, *params, *running, training, momentum=0.3, eps=1e-4)
+        got = _grads(out, [x] + params, 6)
+
+    xr = x.detach().double().cpu().requires_grad_(True)  # the rounded input values
+    params_r = [p.detach().double().cpu().requires_grad_(True) for p in params]
+    ref = hff_spatial_gate_ref if gate_only else hff_spatial_attention_ref
+    expected, batch_mean, batch_var = ref(xr, *params_r, *[s.double() for s in stats64], training, 1e-4)
+    want = _grads(expected, [xr] + params_r, 6)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == (acc if gate_only else dtype)
+    assert_close_scaled(out, expected, out_tol, "output")
+    for name, a, b in zip(("x", "conv_weight", "bn_weight", "bn_bias"), got, want):
+        assert_close_scaled(a, b, grad_tol, f"grad {name}")
+    for s, s64, batch in zip(running, stats64, (batch_mean, batch_var)):
+        expected_stat = s64.to(dtype).double() * 0.7 + 0.3 * batch if training else s64.to(dtype).double()
+        assert_close_scaled(s, expected_stat, out_tol, "running statistic")
+
+
+def test_spatial_without_bn_affine_or_running_stats(cpu_backend):
+    shape = _shape(cpu_backend)
+    x = randn(shape, 10, torch.float32).requires_grad_(True)
+    cw = randn((1, 2, 5, 5), 11, torch.float32, scale=0.3).requires_grad_(True)
+    with medkernels.use_backend(cpu_backend):
+        out = hff_spatial_gate(x, cw, None, None, None, None, training=False)
+        got = _grads(out, [x, cw], 12)
+    xr, cwr = x.detach().double().requires_grad_(True), cw.detach().double().requires_grad_(True)
+    expected = hff_spatial_gate_ref(xr, cwr, None, None, None, None, True, 1e-5)[0]
+    assert_close_scaled(out, expected, 2e-6, "output")
+    for name, a, b in zip(("x", "conv_weight"), got, _grads(expected, [xr, cwr], 12)):
+        assert_close_scaled(a, b, 1e-5, f"grad {name}")
+
+
+# ---- channel gate ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate_only", [True, False], ids=["gate", "attention"])
+def test_channel_matches_reference(device_backend, dtype, gate_only):
+    device, backend = device_backend
+    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    shape = _shape(backend)
+    C, hidden = shape[1], 3
+    x = channels_last_like(randn(shape, 20, dtype, scale=2.0)).to(device).requires_grad_(True)
+    weights = _leaves([randn((hidden, C, 1, 1), 21, scale=0.5), randn((C, hidden, 1, 1), 22, scale=0.5)], dtype, device)
+    fn = hff_channel_gate if gate_only else hff_channel_attention
+    with medkernels.use_backend(backend):
+        out = fn(x, *weights)
+        got = _grads(out, [x] + weights, 23)
+    xr = x.detach().double().cpu().requires_grad_(True)
+    weights_r = [w.detach().double().cpu().requires_grad_(True) for w in weights]
+    ref = hff_channel_gate_ref if gate_only else hff_channel_attention_ref
+    expected = ref(xr, weights_r[0].flatten(1), weights_r[1].flatten(1))
+    want = _grads(expected, [xr] + weights_r, 23)
+    assert_close_scaled(out, expected, out_tol, "output")
+    for name, a, b in zip(("x", "fc1_weight", "fc2_weight"), got, want):
+        assert_close_scaled(a, b, grad_tol, f"grad {name}")
+
+
+# ---- fusion tail -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_tail_matches_reference(device_backend, dtype):
+    device, backend = device_backend
+    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    B, C, H, W = _shape(backend)
+    C1, C2, Ci = C, C + 2, C - 1
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # non-contiguous feature maps: every other channel of larger tensors
+    l = randn((B, 2 * C1, H, W), 30, dtype, scale=2.0, shift=0.3)[:, ::2]
+    g = randn((B, 2 * C2, H, W), 31, dtype)[:, 1::2]
+    x_f = channels_last_like(randn((B, Ci, H, W), 32, dtype, scale=0.5))
+    sg, cg = rand((B, 1, H, W), 33, acc), rand((B, C2, 1, 1), 34, acc)
+    w, b = randn((C1 + C2 + Ci,), 35, acc, scale=0.5, shift=1.0), randn((C1 + C2 + Ci,), 36, acc, scale=0.2)
+    inputs = _leaves([l, g, x_f, sg, cg, w, b], None, device)
+    with medkernels.use_backend(backend):
+        out = hff_fused_tail(*inputs, eps=1e-6)
+        got = _grads(out, inputs, 37)
+    inputs_r = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    expected = hff_fused_tail_ref(*inputs_r, 1e-6)[0]
+    want = _grads(expected, inputs_r, 37)
+    assert out.dtype == dtype and out.shape == (B, C1 + C2 + Ci, H, W)
+    assert_close_scaled(out, expected, out_tol, "output")
+    names = ("l", "g", "x_f", "spatial_gate", "channel_gate", "ln_weight", "ln_bias")
+    for name, a, bb in zip(names, got, want):
+        # the gates' and LayerNorm parameters' gradients sum over many pixels: scale by that count
+        tol = grad_tol if name in ("l", "g", "x_f") else grad_tol * 4
+        assert_close_scaled(a, bb, tol, f"grad {name}")
+
+
+# ---- the combined op (HFFBlock's path) ------------------------------------------------------------------------
+
+def _attention_tail_case(backend, dtype, seed=90):
+    """(features l, g, x_f; weights conv, bn weight, bn bias, fc1, fc2, ln weight, ln bias; running stats)."""
+    B, C, H, W = _shape(backend)
+    C1, C2, Ci = C, C + 3, C - 2
+    features = [channels_last_like(randn((B, C1, H, W), seed, dtype, scale=2.0, shift=0.4)),
+                randn((B, 2 * C2, H, W), seed + 1, dtype)[:, ::2], randn((B, Ci, H, W), seed + 2, dtype, scale=0.5)]
+    weights = _spatial_params(seed + 3) + [
+        randn((2, C2, 1, 1), seed + 6, scale=0.5), randn((C2, 2, 1, 1), seed + 7, scale=0.5),
+        randn((C1 + C2 + Ci,), seed + 8, scale=0.3, shift=1.0), randn((C1 + C2 + Ci,), seed + 9, scale=0.2)]
+    stats = [randn((1,), seed + 10, scale=0.1), rand((1,), seed + 11, low=1.0, high=2.0)]
+    return features, [w.to(dtype) for w in weights], [s.to(dtype) for s in stats]
+
+
+def _call_attention_tail(features, weights, stats, training, fn=hff_attention_tail):
+    cw, bw, bb, w1, w2, lnw, lnb = weights
+    return fn(*features, cw, bw, bb, *stats, training, w1, w2, lnw, lnb, momentum=0.2, bn_eps=1e-4, ln_eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_attention_tail_matches_reference(device_backend, dtype, training):
+    device, backend = device_backend
+    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    features, weights, stats = _attention_tail_case(backend, dtype)
+    features = _leaves(features, None, device)
+    weights = _leaves(weights, None, device)
+    running = [s.to(device).clone() for s in stats]
+    with medkernels.use_backend(backend):
+        out = _call_attention_tail(features, weights, running, training)
+        got = _grads(out, features + weights, 91)
+    features_r = [t.detach().double().cpu().requires_grad_(True) for t in features]
+    weights_r = [t.detach().double().cpu().requires_grad_(True) for t in weights]
+    cw, bw, bb, w1, w2, lnw, lnb = weights_r
+    expected, batch_mean, batch_var = hff_attention_tail_ref(*features_r, cw, bw, bb, *[s.double() for s in stats],
+                                                             training, 1e-4, w1.flatten(1), w2.flatten(1), lnw, lnb, 1e-6)
+    want = _grads(expected, features_r + weights_r, 91)
+    assert out.dtype == dtype
+    assert_close_scaled(out, expected, out_tol, "output")
+    names = ("l", "g", "x_f", "conv_weight", "bn_weight", "bn_bias", "fc1_weight", "fc2_weight", "ln_weight", "ln_bias")
+    for name, a, b in zip(names, got, want):
+        tol = grad_tol if name in ("l", "g", "x_f") else grad_tol * 4  # sums over every pixel
+        assert_close_scaled(a, b, tol, f"grad {name}")
+    for s, s0, batch in zip(running, stats, (batch_mean, batch_var)):
+        assert_close_scaled(s, s0.double() * 0.8 + 0.2 * batch if training else s0.double(), out_tol, "running stat")
+
+
+def _three_ops(l, g, x_f, cw, bw, bb, rm, rv, training, w1, w2, lnw, lnb, momentum, bn_eps, ln_eps):
+    sg = hff_spatial_gate(l, cw, bw, bb, rm, rv, training, momentum=momentum, eps=bn_eps)
+    return hff_fused_tail(l, g, x_f, sg, hff_channel_gate(g, w1, w2), lnw, lnb, eps=ln_eps)
+
+
+def test_attention_tail_is_the_three_ops(cpu_backend):
+    """The combined op and hff_spatial_gate + hff_channel_gate + hff_fused_tail compute the same on one backend
+    (only the order of the additions into dl and dg differs)."""
+    features, weights, stats = _attention_tail_case(cpu_backend, torch.float32, seed=95)
+    results = []
+    for fn in (hff_attention_tail, _three_ops):
+        inputs = [t.clone().requires_grad_(True) for t in features + weights]
+        running = [s.clone() for s in stats]
+        with medkernels.use_backend(cpu_backend):
+            out = _call_attention_tail(inputs[:3], inputs[3:], running, True, fn)
+            results.append([out, *running, *_grads(out, inputs, 96)])
+    for a, b in zip(*results):
+        assert_close_scaled(a, b, 1e-6, "combined vs three ops")
+
+
+# ---- the pooling's maxima ----------------------------------------------------------------------------------
+
+def test_max_ties_route_to_the_first_index(device_backend):
+    """Integer-valued inputs with many equal maxima: outputs, saved argmax and gradients as torch.max (first)."""
+    device, backend = device_backend
+    shape = _shape(backend)
+    x64 = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(40)).double()
+    cw, bw, bb = _spatial_params(41)
+    w1, w2 = randn((2, shape[1]), 42, scale=0.5), randn((shape[1], 2), 43, scale=0.5)
+    x = x64.float().to(device).requires_grad_(True)
+    with medkernels.use_backend(backend):
+        sg = hff_spatial_gate(x, cw.float().to(device), bw.float().to(device), bb.float().to(device), None, None, True)
+        cg = hff_channel_gate(x, w1.float().to(device), w2.float().to(device))
+        dx = torch.autograd.grad((sg * randn(sg.shape, 44, torch.float32).to(device)).sum()
+                                 + (cg * randn(cg.shape, 45, torch.float32).to(device)).sum(), x)[0]
+    xr = x64.clone().requires_grad_(True)
+    sg_r = hff_spatial_gate_ref(xr, cw, bw, bb, None, None, True, 1e-5)[0]
+    cg_r = hff_channel_gate_ref(xr, w1, w2)
+    dx_r = torch.autograd.grad((sg_r * randn(sg.shape, 44, torch.float32).double()).sum()
+                               + (cg_r * randn(cg.shape, 45, torch.float32).double()).sum(), xr)[0]
+    assert_close_scaled(sg, sg_r, 2e-6, "spatial gate")
+    assert_close_scaled(cg, cg_r, 2e-6, "channel gate")
+    assert_close_scaled(dx, dx_r, 1e-5, "grad x")
+    ops = torch.ops.medkernels
+    spatial = ops.hff_spatial_attention_fwd(x.detach(), cw.float().to(device), None, None, None, None, True, 1e-5,
+                                            backend, True)
+    channel = ops.hff_channel_attention_fwd(x.detach(), w1.float().to(device), w2.float().to(device), backend, True)
+    assert torch.equal(spatial[4].cpu(), x64.max(dim=1).indices)
+    assert torch.equal(channel[2].cpu(), x64.flatten(2).max(dim=-1).indices)
+
+
+# ---- determinism -------------------------------------------------------------------------------------------
+
+def _all_ops_once(x, sgw, w1, w2, lnw, lnb):
+    sg = hff_spatial_gate(x, *sgw, None, None, True)
+    cg = hff_channel_gate(x, w1, w2)
+    out = hff_fused_tail(x, x, x, sg, cg, lnw, lnb)
+    leaves = [x, *sgw, w1, w2, lnw, lnb]
+    return [out] + list(torch.autograd.grad(out, leaves, randn(out.shape, 50, out.dtype)))
+
+
+def test_cpu_kernels_do_not_depend_on_the_thread_count():
+    if medkernels.unavailable_reason("cpu") is not None:
+        pytest.skip("the cpu backend is unavailable")
+    x = randn((2, 24, 33, 17), 51, torch.float32).requires_grad_(True)
+    sgw = [t.float().requires_grad_(True) for t in _spatial_params(52)]
+    w1, w2 = randn((3, 24), 53, torch.float32).requires_grad_(True), randn((24, 3), 54, torch.float32).requires_grad_(True)
+    lnw, lnb = randn((72,), 55, torch.float32).requires_grad_(True), randn((72,), 56, torch.float32).requires_grad_(True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with medkernels.use_backend("cpu"):
+                results.append(_all_ops_once(x, sgw, w1, w2, lnw, lnb))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---- torch.library registration ----------------------------------------------------------------------------
+
+def _opcheck_calls():
+    r = lambda *s, seed: randn(s, seed)  # noqa: E731
+    ops = torch.ops.medkernels
+    return {
+        "spatial_gate_train": (ops.hff_spatial_attention_fwd, (r(2, 3, 5, 4, seed=60), r(1, 2, 3, 3, seed=61), r(1, seed=62), r(1, seed=63), None, None, True, 1e-5), True),
+        "spatial_gate_eval": (ops.hff_spatial_attention_fwd, (r(2, 3, 5, 4, seed=64), r(1, 2, 3, 3, seed=65), None, r(1, seed=66), r(1, seed=67), r(1, seed=68).abs() + 1, False, 1e-5), True),
+        "channel_gate": (ops.hff_channel_attention_fwd, (r(2, 6, 3, 4, seed=69), r(2, 6, seed=70), r(6, 2, seed=71)), True),
+        "attention_tail_train": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=84), r(2, 4, 4, 3, seed=85), r(2, 2, 4, 3, seed=86), r(1, 2, 3, 3, seed=87), r(1, seed=88), None, None, None, True, 1e-5, r(2, 4, seed=89), r(4, 2, seed=90), r(9, seed=91), r(9, seed=92), 1e-6), None),
+        "attention_tail_eval": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=93), r(2, 4, 4, 3, seed=94), r(2, 2, 4, 3, seed=95), r(1, 2, 3, 3, seed=96), None, r(1, seed=97), r(1, seed=98), r(1, seed=99).abs() + 1, False, 1e-5, r(2, 4, seed=100), r(4, 2, seed=101), r(9, seed=102), r(9, seed=103), 1e-6), None),
+        "fused_tail": (ops.hff_fused_tail_fwd, (r(2, 3, 4, 3, seed=72), r(2, 2, 4, 3, seed=73), r(2, 4, 4, 3, seed=74), r(2, 1, 4, 3, seed=75), r(2, 2, 1, 1, seed=76), r(9, seed=77), r(9, seed=78), 1e-6), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_calls()))
+def test_opcheck(cpu_backend, name):
+    op, args, gate_only = _opcheck_calls()[name]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args + (cpu_backend,) + (() if gate_only is None else (gate_only,)))
+
+
+def test_hff_path_compiles_without_graph_breaks(cpu_backend):
+    x = randn((2, 4, 5, 3), 80, torch.float32).requires_grad_(True)
+    cw, bw, bb = [t.float() for t in _spatial_params(81)]
+    w1, w2 = randn((2, 4), 82, torch.float32), randn((4, 2), 83, torch.float32)
+    lnw, lnb = torch.ones(12), torch.zeros(12)
+
+    def fn(x):
+        sg = hff_spatial_gate(x, cw, bw, bb, None, None, True)
+        return hff_fused_tail(x, x, x, sg, hff_channel_gate(x, w1, w2), lnw, lnb)
+
+    with medkernels.use_backend(cpu_backend):
+        eager = fn(x)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(torch.autograd.grad(compiled.sum(), x)[0], torch.autograd.grad(eager.sum(), x)[0])
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------
+
+def _attention_tail_call(**changes):
+    args = {"l": torch.zeros(2, 3, 4, 5), "g": torch.zeros(2, 2, 4, 5), "x_f": torch.zeros(2, 4, 4, 5),
+            "conv_weight": torch.zeros(1, 2, 7, 7), "bn_weight": None, "bn_bias": None, "running_mean": None,
+            "running_var": None, "training": True, "fc1_weight": torch.zeros(1, 2), "fc2_weight": torch.zeros(2, 1),
+            "ln_weight": torch.ones(9), "ln_bias": torch.zeros(9)}
+    args.update(changes)
+    return hff_attention_tail(**args)
+
+
+def _tail_args(**changes):
+    args = {"l": torch.zeros(2, 3, 4, 5), "g": torch.zeros(2, 2, 4, 5), "x_f": torch.zeros(2, 4, 4, 5),
+            "spatial_gate": torch.zeros(2, 1, 4, 5), "channel_gate": torch.zeros(2, 2, 1, 1),
+            "ln_weight": torch.ones(9), "ln_bias": torch.zeros(9)}
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        pytest.param(lambda: hff_fused_tail(**_tail_args(l=torch.zeros(2, 3, 4))), ValueError, "l", id="tail-l-rank"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(g=torch.zeros(2, 2, 4, 6))), ValueError, "g", id="tail-g-shape"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(x_f=torch.zeros(2, 4, 4, 5, dtype=torch.float64))), TypeError, "x_f", id="tail-x_f-dtype"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(g=torch.zeros(2, 2, 4, 5, dtype=torch.int64))), TypeError, "g", id="tail-g-int"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(spatial_gate=torch.zeros(2, 2, 4, 5))), ValueError, "spatial_gate", id="tail-spatial-gate-shape"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(channel_gate=torch.zeros(2, 3, 1, 1))), ValueError, "channel_gate", id="tail-channel-gate-shape"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_weight=torch.ones(8))), ValueError, "ln_weight", id="tail-ln-weight-shape"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_bias=torch.zeros(9, dtype=torch.int32))), TypeError, "ln_bias", id="tail-ln-bias-int"),
+        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_bias=torch.zeros(9, device="meta"))), ValueError, "device", id="tail-mixed-devices"),
+        pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 0, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True), ValueError, "x", id="spatial-gate-no-channels"),
+        pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7, dtype=torch.int64), None, None, None, None, True), TypeError, "conv_weight", id="spatial-gate-int-weight"),
+        pytest.param(lambda: hff_channel_gate(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 3, 1), torch.zeros(8, 2)), ValueError, "fc1_weight", id="channel-gate-fc1-shape"),
+        pytest.param(lambda: _attention_tail_call(g=torch.zeros(2, 4, 4, 5)), ValueError, "fc1_weight", id="attention-tail-g-channels"),
+        pytest.param(lambda: _attention_tail_call(l=torch.zeros(2, 3, 4)), ValueError, "l", id="attention-tail-l-rank"),
+        pytest.param(lambda: _attention_tail_call(x_f=torch.zeros(2, 4, 4, 5, dtype=torch.float16)), TypeError, "x_f", id="attention-tail-x_f-dtype"),
+        pytest.param(lambda: _attention_tail_call(conv_weight=torch.zeros(1, 2, 7, 7, dtype=torch.int32)), TypeError, "conv_weight", id="attention-tail-int-conv"),
+        pytest.param(lambda: _attention_tail_call(ln_weight=torch.ones(10)), ValueError, "ln_weight", id="attention-tail-ln-shape"),
+        pytest.param(lambda: _attention_tail_call(fc2_weight=torch.zeros(2, 1, device="meta")), ValueError, "device", id="attention-tail-mixed-devices"),
+    ],
+)
+def test_bad_inputs(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def _compiled():
+    if medkernels.unavailable_reason("cpu") is not None:
+        pytest.skip("the cpu backend is unavailable")
+    return _ext.module()
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        pytest.param(lambda m: m.hff_fused_tail_fwd_cpu(*_tail_args(spatial_gate=torch.zeros(2, 1, 4, 5, dtype=torch.float64)).values(), 1e-6), TypeError, "spatial_gate", id="tail-gate-dtype"),
+        pytest.param(lambda m: m.hff_fused_tail_fwd_cpu(*_tail_args(g=torch.zeros(2, 5, 4, 2).transpose(1, 3)).values(), 1e-6), ValueError, "g", id="tail-g-noncontiguous"),
+        pytest.param(lambda m: m.hff_spatial_gate_fwd_cpu(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 6, 6), None, None, None, None, True, 1e-5, True), ValueError, "k", id="spatial-even-kernel"),
+        pytest.param(lambda m: m.hff_spatial_gate_fwd_cpu(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, False, 1e-5, True), ValueError, "running_mean", id="spatial-eval-no-stats"),
+        pytest.param(lambda m: m.hff_spatial_gate_fwd_cpu(torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 2, 7, 7), None, None, None, None, True, 1e-5, True), TypeError, "x", id="spatial-int-x"),
+        pytest.param(lambda m: m.hff_channel_gate_fwd_cpu(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(7, 2), True), ValueError, "fc2_weight", id="channel-fc2-shape"),
+        pytest.param(lambda m: m.hff_channel_gate_bwd_cpu(torch.zeros(2, 8, 1, 1), torch.zeros(2, 2, 8), torch.zeros(2, 8, dtype=torch.int32), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(8, 2), True, None), TypeError, "argmax", id="channel-argmax-dtype"),
+        pytest.param(lambda m: m.hff_channel_gate_bwd_cpu(torch.zeros(2, 8, 1, 1), torch.zeros(2, 2, 8), torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, 8, 4, 4), torch.zeros(2, 8), torch.zeros(8, 2), True, torch.zeros(2, 8, 4, 4, dtype=torch.float64)), TypeError, "dx_accumulate", id="channel-accumulate-dtype"),
+        pytest.param(lambda m: m.hff_spatial_gate_bwd_cpu(torch.zeros(2, 1, 4, 4), torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.int64), torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True, 1e-5, True, torch.zeros(2, 3, 4, 5)), ValueError, "dx_accumulate", id="spatial-accumulate-shape"),
+    ],
+)
+def test_cpu_kernels_reject_bad_operands(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call(_compiled())
+
+
+def test_triton_launchers_reject_bad_operands():
+    if medkernels.unavailable_reason("triton") is not None:
+        pytest.skip("the triton backend is unavailable here")
+    from medkernels.kernels import hff_attention, hff_fused_tail
+
+    with pytest.raises(TypeError, match="spatial_gate"):
+        hff_fused_tail.hff_fused_tail_fwd(*_tail_args(spatial_gate=torch.zeros(2, 1, 4, 5, dtype=torch.float64)).values(), 1e-6)
+    with pytest.raises(ValueError, match="conv_weight"):
+        hff_attention.hff_spatial_gate_fwd(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 6, 6), None, None, None, None, True, 1e-5, True)
+    with pytest.raises(TypeError, match="x"):
+        hff_attention.hff_channel_gate_fwd(torch.zeros(2, 8, 4, 4, dtype=torch.int32), torch.zeros(2, 8), torch.zeros(8, 2), True)
