@@ -5,6 +5,7 @@ reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a 
 ``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -117,9 +118,11 @@ def main(argv=None):
     print(f"medkernels bench --{mode} on {dev['name']} ({device}, {dev['threads']} threads), torch {torch.__version__}; "
           f"backends: {', '.join(backends_for(device))}; warm-up {warmup}, repeats {repeats}", flush=True)
     progress = Progress(len(ops) + len(models), enabled=not args.no_progress)
-    started, t0 = now_iso(), time.perf_counter()
+    started, t0, load_start = now_iso(), time.perf_counter(), _load_average()
     op_rows, model_rows, unavailable = run_suite(device, ops, models, quick, warmup, repeats, progress)
     progress.close()
+    # other work on the machine distorts CPU timings; the load average says how much there was
+    env["load_average"] = {"start": load_start, "end": _load_average()}
     data = {"schema": SCHEMA, "mode": mode, "device": dev, "environment": env,
             "settings": {"warmup": warmup, "repeats": repeats, "ops": ops, "models": models,
                          "notes": _notes(device, quick)},
@@ -141,6 +144,13 @@ def main(argv=None):
         print(f"wrote the {dev['type']} table of {args.update_readme}")
     print(f"took {data['duration_s']:.0f} s")
     return 0
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _plot(data, path):

@@ -69,7 +69,7 @@ def test_the_json_is_well_formed(run):
     assert bench_report.check_schema(data) == []
     assert bench_report.load_json(str(run["path"]))["schema"] == bench_report.SCHEMA
     env = data["environment"]
-    for key in ("torch", "python", "medkernels", "cpu", "threads", "git_commit", "backends"):
+    for key in ("torch", "python", "medkernels", "cpu", "threads", "git_commit", "backends", "load_average"):
         assert key in env
     assert data["mode"] == "quick" and data["device"]["type"] == "cpu" and data["device"]["slug"].startswith("cpu-")
     assert {r["op"] for r in data["op_rows"]} == {"selective_scan", "ss2d_scan"}
