@@ -93,7 +93,8 @@ def _notes(device, quick):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.readme_from:
         readme = args.update_readme or "README.md"
         latest = {}  # per device type, the most recent run among the files given
@@ -111,6 +112,8 @@ def main(argv=None):
     warmup = DEFAULTS[mode]["warmup"] if args.warmup is None else args.warmup
     repeats = DEFAULTS[mode]["repeats"] if args.repeats is None else args.repeats
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch")
     ops = list(OP_BENCHES) if args.ops is None else args.ops
     models = list(MODEL_BENCHES) if args.models is None else args.models
     dev = device_info(device)

@@ -217,3 +217,10 @@ def test_skip_rules_name_their_reason():
     assert "L = 3136" in bench_scan.ref_backward_skip_reason(cpu, 2, 384, 3136, 16)
     assert bench_scan.ref_backward_skip_reason(cpu, 2, 3072, 49, 16) is None
     assert bench_scan.ref_backward_skip_reason(cuda, 2, 384, 3136, 16) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--no-json"])
+    assert "no CUDA device" in capsys.readouterr().err
