@@ -5,6 +5,7 @@ reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a 
 ``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -92,7 +93,8 @@ def _notes(device, quick):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.readme_from:
         readme = args.update_readme or "README.md"
         latest = {}  # per device type, the most recent run among the files given
@@ -110,6 +112,8 @@ def main(argv=None):
     warmup = DEFAULTS[mode]["warmup"] if args.warmup is None else args.warmup
     repeats = DEFAULTS[mode]["repeats"] if args.repeats is None else args.repeats
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch")
     ops = list(OP_BENCHES) if args.ops is None else args.ops
     models = list(MODEL_BENCHES) if args.models is None else args.models
     dev = device_info(device)
@@ -117,9 +121,11 @@ def main(argv=None):
     print(f"medkernels bench --{mode} on {dev['name']} ({device}, {dev['threads']} threads), torch {torch.__version__}; "
           f"backends: {', '.join(backends_for(device))}; warm-up {warmup}, repeats {repeats}", flush=True)
     progress = Progress(len(ops) + len(models), enabled=not args.no_progress)
-    started, t0 = now_iso(), time.perf_counter()
+    started, t0, load_start = now_iso(), time.perf_counter(), _load_average()
     op_rows, model_rows, unavailable = run_suite(device, ops, models, quick, warmup, repeats, progress)
     progress.close()
+    # other work on the machine distorts CPU timings; the load average says how much there was
+    env["load_average"] = {"start": load_start, "end": _load_average()}
     data = {"schema": SCHEMA, "mode": mode, "device": dev, "environment": env,
             "settings": {"warmup": warmup, "repeats": repeats, "ops": ops, "models": models,
                          "notes": _notes(device, quick)},
@@ -141,6 +147,13 @@ def main(argv=None):
         print(f"wrote the {dev['type']} table of {args.update_readme}")
     print(f"took {data['duration_s']:.0f} s")
     return 0
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _plot(data, path):

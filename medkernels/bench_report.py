@@ -205,7 +205,9 @@ def readme_block(data, source=None):
     dev, env = data["device"], data["environment"]
     commit = str(env.get("git_commit", "unknown"))
     commit = commit[:12] + (" with local changes" if commit.endswith("-dirty") else "")
-    head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads), torch {env.get('torch')}, "
+    load = (env.get("load_average") or {}).get("start")
+    busy = f", load average {load[0]:g} at the start" if load else ""
+    head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads{busy}), torch {env.get('torch')}, "
             f"commit {commit}, `python -m medkernels.bench --{data['mode']}`"
             + (f"; figures in `{source}`" if source else "") + ":")
     notes = "".join(f"\n- {n}" for n in data["settings"].get("notes", []))

@@ -69,7 +69,7 @@ def test_the_json_is_well_formed(run):
     assert bench_report.check_schema(data) == []
     assert bench_report.load_json(str(run["path"]))["schema"] == bench_report.SCHEMA
     env = data["environment"]
-    for key in ("torch", "python", "medkernels", "cpu", "threads", "git_commit", "backends"):
+    for key in ("torch", "python", "medkernels", "cpu", "threads", "git_commit", "backends", "load_average"):
         assert key in env
     assert data["mode"] == "quick" and data["device"]["type"] == "cpu" and data["device"]["slug"].startswith("cpu-")
     assert {r["op"] for r in data["op_rows"]} == {"selective_scan", "ss2d_scan"}
@@ -217,3 +217,10 @@ def test_skip_rules_name_their_reason():
     assert "L = 3136" in bench_scan.ref_backward_skip_reason(cpu, 2, 384, 3136, 16)
     assert bench_scan.ref_backward_skip_reason(cpu, 2, 3072, 49, 16) is None
     assert bench_scan.ref_backward_skip_reason(cuda, 2, 384, 3136, 16) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--no-json"])
+    assert "no CUDA device" in capsys.readouterr().err
