@@ -46,11 +46,3 @@ def test_fullgraph_compile_matches_eager(name):
         assert grads_c.keys() == grads_e.keys()
         for n in grads_e:
             torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-5, msg=n)
-        # an optimizer step on the compiled module's parameters, then the compiled forward sees them
-        opt = torch.optim.SGD(compiled_model.parameters(), lr=1e-3)
-        opt.step()
-        compiled_model.eval()
-        with torch.no_grad():
-            after = compiled(x)
-            assert torch.isfinite(after).all()
-            torch.testing.assert_close(after, compiled_model(x), rtol=1e-4, atol=1e-5)
