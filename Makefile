@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.medkernels-build-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: all venv build test bench clean
+.PHONY: all venv build test bench bench-full bench-readme bench-pytest clean
 
 all: test
 
@@ -60,9 +60,25 @@ test: build
 	fi; \
 	$(PY) -m pytest tests -q
 
+# The quick suite (a few minutes on a 2-core CPU): prints the tables, writes
+# benchmarks/results/<device>.json and the .png beside it.  BENCH_ARGS passes options through.
 bench: build
 	$(PIP) install --quiet -r requirements-bench.txt
 	$(PY) -m medkernels.bench $(BENCH_ARGS)
+
+# Every stage shape, larger batches and torch.compile: meant for a GPU machine (hours on a small CPU).
+bench-full: build
+	$(PIP) install --quiet -r requirements-bench.txt
+	$(PY) -m medkernels.bench --full $(BENCH_ARGS)
+
+# Rewrite the README's benchmark tables from the recorded JSONs (no timing).
+bench-readme: venv
+	$(PY) -m medkernels.bench --readme-from $(wildcard benchmarks/results/*.json) --update-readme README.md
+
+# The op micro-benchmarks as a pytest-benchmark suite (kept out of `make test`).
+bench-pytest: build
+	$(PIP) install --quiet -r requirements-bench.txt
+	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(BUILD_STAMP)

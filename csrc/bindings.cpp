@@ -81,6 +81,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused four-direction SS2D scan forward on CPU: -> [out].");
   m.def("ss2d_scan_bwd_cpu", &medkernels::ss2d_scan_bwd_cpu, ReleaseGil(),
         "Fused SS2D scan backward on CPU: -> [du, ddelta, dA, dB, dC, dD, ddelta_bias].");
+  // ---- depthwise convolution (issue 4) ----
+  m.def("depthwise_conv2d_fwd_cpu", &medkernels::depthwise_conv2d_fwd_cpu, ReleaseGil(),
+        "Depthwise conv2d + bias + activation on CPU (see csrc/ops.h): "
+        "(x, weight, bias, stride, padding, activation, channels_last) -> out.");
+  m.def("depthwise_conv2d_bwd_cpu", &medkernels::depthwise_conv2d_bwd_cpu, ReleaseGil(),
+        "Backward of depthwise_conv2d_fwd_cpu: (grad, x, weight, bias, stride, padding, activation) "
+        "-> [dx, dweight, dbias].");
+  m.def("depthwise_conv2d_layernorm_fwd_cpu", &medkernels::depthwise_conv2d_layernorm_fwd_cpu, ReleaseGil(),
+        "Depthwise conv2d + bias, then LayerNorm over channels, channels-last out (B, Ho, Wo, C), on CPU: "
+        "(x, weight, bias, ln_weight, ln_bias, stride, padding, eps) -> out.");
+  m.def("depthwise_conv2d_layernorm_bwd_cpu", &medkernels::depthwise_conv2d_layernorm_bwd_cpu, ReleaseGil(),
+        "Backward of depthwise_conv2d_layernorm_fwd_cpu: (grad, x, weight, bias, ln_weight, ln_bias, stride, "
+        "padding, eps) -> [dx, dweight, dbias, dln_weight, dln_bias].");
+  // ---- end depthwise convolution ----
   m.def("hff_spatial_gate_fwd_cpu", &medkernels::hff_spatial_gate_fwd_cpu, ReleaseGil(),
         "HFF spatial gate (or x * gate) forward on CPU (see csrc/ops.h): -> [y, batch_mean, batch_var, "
         "pooled, argmax].");
@@ -109,6 +123,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cross_scan on CUDA: contiguous x (B, C, H, W) -> y (B, 4, C, H*W).");
   m.def("cross_merge_cuda", &medkernels::cross_merge_cuda, pybind11::arg("y"), ReleaseGil(),
         "cross_merge on CUDA: contiguous y (B, 4, C, H, W) -> x (B, C, H*W).");
+  // ---- depthwise convolution (issue 4) ----
+  m.def("depthwise_conv2d_fwd_cuda", &medkernels::depthwise_conv2d_fwd_cuda, ReleaseGil(),
+        "Depthwise conv2d + bias + activation on CUDA: -> out.");
+  m.def("depthwise_conv2d_bwd_cuda", &medkernels::depthwise_conv2d_bwd_cuda, ReleaseGil(),
+        "Backward of depthwise_conv2d_fwd_cuda: -> [dx, dweight, dbias].");
+  m.def("depthwise_conv2d_layernorm_fwd_cuda", &medkernels::depthwise_conv2d_layernorm_fwd_cuda, ReleaseGil(),
+        "Depthwise conv2d + bias + LayerNorm over channels on CUDA: -> out (B, Ho, Wo, C).");
+  m.def("depthwise_conv2d_layernorm_bwd_cuda", &medkernels::depthwise_conv2d_layernorm_bwd_cuda, ReleaseGil(),
+        "Backward of depthwise_conv2d_layernorm_fwd_cuda: -> [dx, dweight, dbias, dln_weight, dln_bias].");
+  // ---- end depthwise convolution ----
   m.def("hff_spatial_gate_fwd_cuda", &medkernels::hff_spatial_gate_fwd_cuda, ReleaseGil(),
         "HFF spatial gate (or x * gate) forward on CUDA: -> [y, batch_mean, batch_var, pooled, argmax].");
   m.def("hff_spatial_gate_bwd_cuda", &medkernels::hff_spatial_gate_bwd_cuda, ReleaseGil(),

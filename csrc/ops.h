@@ -52,6 +52,29 @@ std::vector<at::Tensor> selective_scan_bwd_cpu(const at::Tensor& dout,
 std::vector<at::Tensor> ss2d_scan_fwd_cpu(MEDKERNELS_SS2D_SCAN_FWD_ARGS);
 std::vector<at::Tensor> ss2d_scan_bwd_cpu(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS);
 
+// ---- depthwise convolution (issue 4) ----
+// Depthwise conv2d with the bias and activation fused: out = act(conv2d(x, weight, bias, stride, padding,
+// groups=C)). x (B, C, H, W) of dtype T (float16/bfloat16/float32/float64), any strides; weight
+// (C, 1, k, k) T contiguous, k <= 31; bias (C,) T contiguous or undefined; activation "none", "silu",
+// "gelu" or "relu"; Ho = (H + 2 padding - k) / stride + 1, likewise Wo.
+//   fwd -> out (B, C, Ho, Wo) T, channels_last or contiguous as asked
+//   bwd -> {dx (x's shape, empty_like(x)), dweight, dbias (undefined without bias)}; grad (B, C, Ho, Wo) T,
+//          any strides
+#define MEDKERNELS_DEPTHWISE_CONV_ARGS                                                           \
+  const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &bias, int64_t stride, \
+      int64_t padding, const std::string &activation
+// Depthwise conv2d + bias, then LayerNorm over the channels (biased variance, eps inside the square root,
+// affine ln_weight / ln_bias (C,) T or undefined), written channels-last: out (B, Ho, Wo, C) T contiguous.
+//   bwd -> {dx, dweight, dbias, dln_weight, dln_bias} (undefined for absent inputs); grad (B, Ho, Wo, C) T
+#define MEDKERNELS_DEPTHWISE_LN_ARGS                                                                 \
+  const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &bias,              \
+      const c10::optional<at::Tensor> &ln_weight, const c10::optional<at::Tensor> &ln_bias, int64_t stride, \
+      int64_t padding, double eps
+at::Tensor depthwise_conv2d_fwd_cpu(MEDKERNELS_DEPTHWISE_CONV_ARGS, bool channels_last);
+std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_CONV_ARGS);
+at::Tensor depthwise_conv2d_layernorm_fwd_cpu(MEDKERNELS_DEPTHWISE_LN_ARGS);
+std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cpu(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_LN_ARGS);
+// ---- end depthwise convolution ----
 // ---- HFF attentions and fusion tail (hff_attention_math.h has the formulas) -------------------------
 // acc = float32 for float16/bfloat16/float32 inputs, float64 for float64. Contiguous operands; small ones
 // (weights, running statistics, gates) in acc. gate_only returns the gate instead of x * gate.
@@ -105,6 +128,12 @@ at::Tensor cross_scan_cuda(const at::Tensor& x);
 at::Tensor cross_merge_cuda(const at::Tensor& y);
 // CUDA runtime version the .cu files were compiled against, e.g. "13.0".
 std::string cuda_runtime_version_at_build();
+// ---- depthwise convolution (issue 4) ----
+at::Tensor depthwise_conv2d_fwd_cuda(MEDKERNELS_DEPTHWISE_CONV_ARGS, bool channels_last);
+std::vector<at::Tensor> depthwise_conv2d_bwd_cuda(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_CONV_ARGS);
+at::Tensor depthwise_conv2d_layernorm_fwd_cuda(MEDKERNELS_DEPTHWISE_LN_ARGS);
+std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cuda(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_LN_ARGS);
+// ---- end depthwise convolution ----
 std::vector<at::Tensor> hff_spatial_gate_fwd_cuda(MEDKERNELS_HFF_SPATIAL_ARGS);
 std::vector<at::Tensor> hff_spatial_gate_bwd_cuda(const at::Tensor& grad, const at::Tensor& pooled,
                                                   const at::Tensor& argmax, MEDKERNELS_HFF_SPATIAL_ARGS,

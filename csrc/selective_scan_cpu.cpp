@@ -31,11 +31,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "cross_scan.h"
 #include "ops.h"
+#include "vec16.h"  // first: its -Wpsabi pragma must precede the v16f instantiations of the shared math
 #include "selective_scan_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
@@ -55,6 +57,8 @@ extern "C" double log1p(double) noexcept __attribute__((simd("notinbranch"), con
     !defined(MEDKERNELS_SS_FORCE_GENERIC)
 #define MK_SS_X86_DISPATCH 1
 #define MK_SS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MK_SS_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))
 #endif
 
 #if defined(__GNUC__)
@@ -102,6 +106,8 @@ struct ScanProblem {
     return ss2d ? ((b * groups + g) * dim + d) * L : (b * dim + d) * L;
   }
   int64_t bc_base(int64_t b, int64_t g) const { return (b * groups + g) * N * L; }
+  // Whether group g walks consecutive memory (the plain scan, and SS2D's row-major direction 0).
+  bool contiguous_walk(int64_t g) const { return !ss2d || g == 0; }
   int64_t pixel(int64_t g, int64_t t) const {
     return ss2d ? cross_scan_pixel(static_cast<int>(g), t, H, W) : t;
   }
@@ -191,10 +197,18 @@ MK_SS_INLINE void prefetch_ahead(const ScanProblem<T, acc_t>& P, int64_t b, int6
   }
 }
 
-// dst[i] = row[idx[i]] in acc_t.
+// dst[i] = row[idx[i]] in acc_t; `contiguous` says idx[i] = idx[0] + i (a plain copy that vectorises).
 template <typename T, typename acc_t>
 MK_SS_INLINE void gather_row(const T* __restrict__ row, const int64_t* __restrict__ idx, int64_t len,
-                             acc_t* __restrict__ dst) {
+                             acc_t* __restrict__ dst, bool contiguous) {
+  if (contiguous) {
+    const T* __restrict__ src = row + idx[0];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      dst[i] = static_cast<acc_t>(src[i]);
+    }
+    return;
+  }
   for (int64_t i = 0; i < len; ++i) {
     dst[i] = static_cast<acc_t>(row[idx[i]]);
   }
@@ -279,6 +293,86 @@ MK_SS_INLINE void advance_states(acc_t* __restrict__ x_mem, const acc_t* __restr
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
+// Advances the N states x of one channel over the chunk and writes y_i = sum_n C_i,n x_i,n.
+template <int NC, typename acc_t>
+MK_SS_INLINE void scan_chunk_outputs_generic(acc_t* __restrict__ x_mem, const acc_t* __restrict__ E,
+                                             const acc_t* __restrict__ Bt, const acc_t* __restrict__ Ct,
+                                             const acc_t* __restrict__ dt, const acc_t* __restrict__ uv,
+                                             int64_t begin, int64_t len, int64_t N_, acc_t* __restrict__ yv) {
+  const int64_t N = state_size<NC>(N_);
+  acc_t local[NC > 0 ? NC : 1];
+  acc_t* __restrict__ x = x_mem;
+  if constexpr (NC > 0) {
+    std::copy(x_mem, x_mem + NC, local);
+    x = local;
+  }
+  for (int64_t i = begin; i < len; ++i) {
+    const acc_t dti = dt[i], ui = uv[i];
+    const acc_t* __restrict__ Ei = E + i * N;
+    const acc_t* __restrict__ Bi = Bt + i * N;
+    const acc_t* __restrict__ Ci = Ct + i * N;
+    acc_t y = acc_t(0);
+#pragma omp simd reduction(+ : y)
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t xn = ss_state_step_decayed<acc_t>(x[n], Ei[n], dti, Bi[n], ui);
+      x[n] = xn;
+      y += Ci[n] * xn;
+    }
+    yv[i] = y;
+  }
+  if constexpr (NC > 0) {
+    std::copy(local, local + NC, x_mem);
+  }
+}
+
+
+// Whether scan_chunk_outputs takes its N = 16 float path, which computes the decays itself.
+template <int NC, typename acc_t>
+constexpr bool kFusedDecays16 =
+#ifdef MK_HAVE_V16
+    NC == 16 && std::is_same_v<acc_t, float>;
+#else
+    false;
+#endif
+
+// Positions of a chunk of `len` that the N = 16 float path handles (whole blocks of 16).
+template <int NC, typename acc_t>
+MK_SS_INLINE int64_t fused_decay_positions(int64_t len) {
+  return kFusedDecays16<NC, acc_t> ? len / 16 * 16 : 0;
+}
+
+// scan_chunk_outputs_generic over the chunk.  For N = 16 in float, blocks of 16 positions take a
+// path that computes the decays exp(dt_i * a) in registers (E is then only read from position
+// fused_decay_positions(len) on) and reduces the block's 16 dot products C_i . x_i together.
+template <int NC, typename acc_t>
+MK_SS_INLINE void scan_chunk_outputs(acc_t* __restrict__ x_mem, const acc_t* __restrict__ a,
+                                     const acc_t* __restrict__ E, const acc_t* __restrict__ Bt,
+                                     const acc_t* __restrict__ Ct, const acc_t* __restrict__ dt,
+                                     const acc_t* __restrict__ uv, int64_t len, int64_t N,
+                                     acc_t* __restrict__ yv) {
+  const int64_t done = fused_decay_positions<NC, acc_t>(len);
+#ifdef MK_HAVE_V16
+  if constexpr (kFusedDecays16<NC, acc_t>) {
+    const v16f av = v16_load(a);
+    v16f x = v16_load(x_mem);
+    for (int64_t i0 = 0; i0 < done; i0 += 16) {
+      v16f prod[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t i = i0 + j;
+        const v16f dti = v16_splat(dt[i]);
+        x = ss_state_step_decayed<v16f>(x, v16_exp(dti * av), dti, v16_load(Bt + i * 16), v16_splat(uv[i]));
+        prod[j] = v16_load(Ct + i * 16) * x;
+      }
+      v16_store(yv + i0, v16_sum_each_of_16(prod));
+    }
+    v16_store(x_mem, x);
+  }
+#endif
+  if (done < len) {
+    scan_chunk_outputs_generic<NC>(x_mem, E, Bt, Ct, dt, uv, done, len, N, yv);
+  }
+}
+
 // One unit: channels [d0, d1) of group g of batch element b.  With `accum` (SS2D: (d1 - d0, L) in acc_t,
 // pixel order) the outputs are added there; otherwise they are written to P.out.
 template <int NC, typename T, typename acc_t>
@@ -299,6 +393,7 @@ MK_SS_INLINE void forward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64_
   acc_t* __restrict__ zv = w.zv.data();
   acc_t* __restrict__ yv = w.yv.data();
   const bool has_z = P.z != nullptr;
+  const bool contig = P.contiguous_walk(g);
 
   for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
     const int64_t len = std::min(kChunk, L - c0);
@@ -313,37 +408,14 @@ MK_SS_INLINE void forward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64_
       const acc_t bias = P.bias ? P.bias[ar] : acc_t(0);
       const int64_t crow = P.channel_row(b, d);
       const T* delta_row = P.delta + P.delta_row(b, g, d);
-      gather_row(delta_row, idx, len, raw);
-      gather_row(P.u + crow, idx, len, uv);
-      if (has_z) gather_row(P.z + crow, idx, len, zv);
+      gather_row(delta_row, idx, len, raw, contig);
+      gather_row(P.u + crow, idx, len, uv, contig);
+      if (has_z) gather_row(P.z + crow, idx, len, zv, contig);
       prefetch_ahead(P, b, g, d0, d1, d, w, len, /*rows_kind=*/1);
       chunk_dt(raw, len, bias, P.softplus, dt);
-      chunk_decays<NC>(dt, a, len, N, E);
-
-      acc_t* x_mem = states + (d - d0) * N;
-      acc_t local[NC > 0 ? NC : 1];
-      acc_t* __restrict__ x = x_mem;
-      if constexpr (NC > 0) {
-        std::copy(x_mem, x_mem + NC, local);
-        x = local;
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t dti = dt[i], ui = uv[i];
-        const acc_t* __restrict__ Ei = E + i * N;
-        const acc_t* __restrict__ Bi = Bt + i * N;
-        const acc_t* __restrict__ Ci = Ct + i * N;
-        acc_t y = acc_t(0);
-#pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; ++n) {
-          const acc_t xn = ss_state_step_decayed<acc_t>(x[n], Ei[n], dti, Bi[n], ui);
-          x[n] = xn;
-          y += Ci[n] * xn;
-        }
-        yv[i] = y;
-      }
-      if constexpr (NC > 0) {
-        std::copy(local, local + NC, x_mem);
-      }
+      const int64_t fused = fused_decay_positions<NC, acc_t>(len);
+      chunk_decays<NC>(dt + fused, a, len - fused, N, E + fused * N);
+      scan_chunk_outputs<NC>(states + (d - d0) * N, a, E, Bt, Ct, dt, uv, len, N, yv);
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
         yv[i] = ss_output<acc_t>(yv[i], uv[i], dskip, has_z, has_z ? zv[i] : acc_t(0));
@@ -351,6 +423,10 @@ MK_SS_INLINE void forward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64_
       if (accum != nullptr) {
         acc_t* row = accum + (d - d0) * L;
         for (int64_t i = 0; i < len; ++i) row[idx[i]] += yv[i];
+      } else if (contig) {
+        T* __restrict__ row = P.out + crow + c0;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) row[i] = static_cast<T>(yv[i]);
       } else {
         T* row = P.out + crow;
         for (int64_t i = 0; i < len; ++i) row[idx[i]] = static_cast<T>(yv[i]);
@@ -432,6 +508,7 @@ MK_SS_INLINE void backward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64
   acc_t* __restrict__ dov = w.dov.data();
   acc_t* __restrict__ yv = w.yv.data();
   const bool has_z = P.z != nullptr;
+  const bool contig = P.contiguous_walk(g);
 
   // Sweep 1: the state of every channel before each chunk.
   w.bound.resize(nch * nchunks * N);
@@ -452,8 +529,8 @@ MK_SS_INLINE void backward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64
       const acc_t bias = P.bias ? P.bias[ar] : acc_t(0);
       const T* delta_row = P.delta + P.delta_row(b, g, d);
       const T* u_row = P.u + P.channel_row(b, d);
-      gather_row(delta_row, idx, len, raw);
-      gather_row(u_row, idx, len, uv);
+      gather_row(delta_row, idx, len, raw, contig);
+      gather_row(u_row, idx, len, uv, contig);
       prefetch_ahead(P, b, g, d0, d1, d, w, len, /*rows_kind=*/0);
       chunk_dt(raw, len, bias, P.softplus, dt);
       chunk_decays<NC>(dt, P.A + ar * N, len, N, E);
@@ -490,10 +567,10 @@ MK_SS_INLINE void backward_unit(const ScanProblem<T, acc_t>& P, int64_t b, int64
       const int64_t crow = P.channel_row(b, d);
       const int64_t drow = P.delta_row(b, g, d);
 
-      gather_row(P.delta + drow, idx, len, raw);
-      gather_row(P.u + crow, idx, len, uv);
-      gather_row(P.dout + crow, idx, len, dov);
-      if (has_z) gather_row(P.z + crow, idx, len, zv);
+      gather_row(P.delta + drow, idx, len, raw, contig);
+      gather_row(P.u + crow, idx, len, uv, contig);
+      gather_row(P.dout + crow, idx, len, dov, contig);
+      if (has_z) gather_row(P.z + crow, idx, len, zv, contig);
       prefetch_ahead(P, b, g, d0, d1, d, w, len, /*rows_kind=*/2);
       chunk_dt(raw, len, bias, softplus, dt);
 #pragma omp simd
@@ -693,6 +770,21 @@ MK_SS_TARGET_AVX2 void backward_task_avx2(const ScanProblem<T, acc_t>& P, int64_
   backward_task<NC>(P, task);
 }
 
+template <int NC, typename T, typename acc_t>
+MK_SS_TARGET_AVX512 void forward_task_avx512(const ScanProblem<T, acc_t>& P, int64_t task) {
+  forward_task<NC>(P, task);
+}
+template <int NC, typename T, typename acc_t>
+MK_SS_TARGET_AVX512 void backward_task_avx512(const ScanProblem<T, acc_t>& P, int64_t task) {
+  backward_task<NC>(P, task);
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -705,6 +797,9 @@ using TaskFn = void (*)(const ScanProblem<T, acc_t>&, int64_t);
 template <int NC, typename T, typename acc_t>
 TaskFn<T, acc_t> pick_task(bool backward) {
 #ifdef MK_SS_X86_DISPATCH
+  if (cpu_has_avx512()) {
+    return backward ? &backward_task_avx512<NC, T, acc_t> : &forward_task_avx512<NC, T, acc_t>;
+  }
   if (cpu_has_avx2_fma()) {
     return backward ? &backward_task_avx2<NC, T, acc_t> : &forward_task_avx2<NC, T, acc_t>;
   }

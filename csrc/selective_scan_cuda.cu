@@ -701,6 +701,8 @@ std::vector<at::Tensor> selective_scan_bwd_cuda(const at::Tensor& dout,
                                                 const c10::optional<at::Tensor>& dlast_state,
                                                 MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS) {
   const char* op = "selective_scan_bwd_cuda";
+  // The standard reaction under torch.use_deterministic_algorithms(True): an error (a warning with warn_only).
+  at::globalContext().alertNotDeterministic("medkernels selective_scan_bwd_cuda (dB, dC, dA, dD and ddelta_bias are summed with atomicAdd)");
   const Problem pr = check_selective_scan(op, u, delta, A, B, C, D_skip, z, delta_bias);
   const auto T = u.scalar_type();
   const auto S = state_dtype_of(T);
@@ -746,6 +748,7 @@ std::vector<at::Tensor> selective_scan_bwd_cuda(const at::Tensor& dout,
 
 std::vector<at::Tensor> ss2d_scan_fwd_cuda(MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
   const char* op = "ss2d_scan_fwd_cuda";
+  at::globalContext().alertNotDeterministic("medkernels ss2d_scan_fwd_cuda (the four directions are summed with atomicAdd)");
   const Problem pr = check_ss2d_scan(op, u, delta, A, B, C, D_skip, delta_bias);
   const c10::cuda::CUDAGuard device_guard(u.device());
   const auto T = u.scalar_type();
@@ -766,6 +769,7 @@ std::vector<at::Tensor> ss2d_scan_fwd_cuda(MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
 
 std::vector<at::Tensor> ss2d_scan_bwd_cuda(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
   const char* op = "ss2d_scan_bwd_cuda";
+  at::globalContext().alertNotDeterministic("medkernels ss2d_scan_bwd_cuda (du and the parameter gradients are summed with atomicAdd)");
   const Problem pr = check_ss2d_scan(op, u, delta, A, B, C, D_skip, delta_bias);
   const auto T = u.scalar_type();
   const auto S = state_dtype_of(T);

@@ -131,12 +131,21 @@ class OpTable:
         self.name = name
         self._loaders = {"ref": lambda: ref}
         self._loaded = {}
+        self._nondeterministic = set()
         OPS[name] = self
 
-    def register(self, backend, loader):
+    def register(self, backend, loader, deterministic=True):
+        """Add `backend`'s implementation; `deterministic=False` marks one whose results can vary from run to
+        run (atomics): ``auto`` then passes it over under ``torch.use_deterministic_algorithms(True)``, and the
+        kernel itself raises PyTorch's standard error when asked for explicitly in that mode."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
         self._loaders[backend] = loader
+        if not deterministic:
+            self._nondeterministic.add(backend)
+
+    def deterministic_in(self, backend):
+        return backend not in self._nondeterministic
 
     def implemented_in(self, backend):
         return backend in self._loaders
@@ -177,6 +186,8 @@ def resolve(table, device):
                     )
                 continue
             if table.implemented_in(backend):
+                if not table.deterministic_in(backend) and torch.are_deterministic_algorithms_enabled():
+                    continue
                 return backend
         return "ref"
     _require_available(requested)

@@ -1,154 +1,171 @@
-"""``python -m medkernels.bench``: time the ops and the networks on every available backend, side by side.
+"""Time every medkernels op and both networks against pure PyTorch, torch.compile and mambapy/mamba_ssm.
 
-Ops (``--ops``): the selective scan and the fused SS2D scan at MedMamba-T's stage-1 shapes against the
-plain PyTorch loop, mambapy's parallel scan (CPU, when installed) and the unfused SS2D path (see
-``medkernels.bench_scan``). Models (``--models``): HiFuse-T and MedMamba-T inference (forward, eval mode) at
-each ``--batch``. Every row has its speed-up over its baseline measured in the same run and its error against
-the reference output. ``--json PATH`` also writes every figure.
+``python -m medkernels.bench`` runs them side by side in one run, each row with its error against the
+reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it;
+``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
 """
 import argparse
-import json
-import platform
-import statistics
+import os
 import sys
 import time
 
 import torch
 
-from . import _backend, bench_scan
-from .info import info
+from . import _backend
+from .bench_progress import Progress
+from .bench_registry import MODEL_BENCHES, OP_BENCHES, BenchUnavailable, load
+from .bench_report import (SCHEMA, check_schema, device_info, environment, format_run, load_json,
+                           normalize_row, now_iso, update_readme, write_json)
+from .bench_timing import time_call  # noqa: F401  (op benchmark modules are handed it; kept importable here)
 
-MODELS = ("hifuse_tiny", "medmamba_t")
-OPS = ("selective_scan", "ss2d_scan")
+RESULTS_DIR = "benchmarks/results"
+DEFAULTS = {"quick": {"warmup": 1, "repeats": 3}, "full": {"warmup": 2, "repeats": 5}}
 
 
-def _backends_for(device):
-    """The backends to time on `device`; Triton's CPU interpreter is a test tool, not a provider."""
+def backends_for(device):
+    """The medkernels backends to time on `device`; Triton's CPU interpreter is a test tool, not a provider."""
+    device = torch.device(device)
     return [b for b in _backend.BACKENDS if _backend.unavailable_reason(b) is None and _backend._runs_on(b, device.type)
             and not (b == "triton" and device.type == "cpu")]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_backends_for = backends_for  # the name the first scan benchmark used
 
 
-def time_call(fn, device, warmup, repeats):
-    """Median and spread (min, max) of `repeats` timed calls after `warmup` untimed ones, in seconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m medkernels.bench", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the default: stage 1 and 4 shapes, small training "
+                      "batch, no torch.compile on CPU; a few minutes on a 2-core CPU")
+    mode.add_argument("--full", action="store_true", help="all four MedMamba-T stages, larger batches, torch.compile")
+    p.add_argument("--ops", nargs="*", choices=list(OP_BENCHES), default=None,
+                   help="ops to time (default: all; --ops with no name: none)")
+    p.add_argument("--models", nargs="*", choices=list(MODEL_BENCHES), default=None,
+                   help="networks to time (default: all; --models with no name: none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (default 1 quick, 2 full; the first "
+                   "call, which also gives each row's error, counts as one)")
+    p.add_argument("--repeats", type=int, help="timed calls per row (default 3 quick, 5 full)")
+    p.add_argument("--out", help=f"JSON path (default {RESULTS_DIR}/<device>.json); the PNG goes beside it")
+    p.add_argument("--no-json", action="store_true", help="print the tables only")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--update-readme", metavar="README", help="write this device's table into README between "
+                   "its <!-- bench:cpu|cuda --> markers")
+    p.add_argument("--readme-from", metavar="JSON", nargs="+", help="do not run anything: write the README "
+                   "tables (--update-readme, default README.md) from these run JSONs")
+    return p
 
 
-def bench_model(name, device, backends, batch, size, warmup, repeats):
-    from . import models
-
-    model = getattr(models, name)(num_classes=7).to(device).eval()
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
-    outputs = {}
-    for backend in backends:
-        with _backend.use_backend(backend), torch.no_grad():
-            outputs[backend] = model(x).float().cpu()
-            stats = time_call(lambda: model(x), device, warmup, repeats)
-        rows.append({"model": name, "pass": "forward", "backend": backend, "batch": batch, "size": size, **stats})
-    reference = outputs.get("ref")
-    for row in rows:
-        ref_row = next((r for r in rows if r["backend"] == "ref"), None)
-        row["speedup_vs_ref"] = ref_row["median_s"] / row["median_s"] if ref_row else None
-        row["max_abs_err_vs_ref"] = (
-            float((outputs[row["backend"]] - reference).abs().max()) if reference is not None else None
-        )
-        row["images_per_s"] = batch / row["median_s"]
-    return rows
-
-
-def format_table(rows):
-    header = f"{'model':12s} {'pass':8s} {'backend':8s} {'batch':>5s} {'median ms':>10s} {'spread ms':>17s} {'img/s':>8s} {'vs ref':>7s} {'max|err|':>9s}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        spread = f"{1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}"
-        ratio = f"{r['speedup_vs_ref']:.2f}x" if r["speedup_vs_ref"] is not None else "-"
-        err = f"{r['max_abs_err_vs_ref']:.1e}" if r["max_abs_err_vs_ref"] is not None else "-"
-        lines.append(
-            f"{r['model']:12s} {r['pass']:8s} {r['backend']:8s} {r['batch']:5d} {1e3 * r['median_s']:10.1f} "
-            f"{spread:>17s} {r['images_per_s']:8.2f} {ratio:>7s} {err:>9s}"
-        )
-    return "\n".join(lines)
+def run_suite(device, ops, models, quick, warmup, repeats, progress):
+    """Run the benchmarks named; returns (op rows, model rows, [what could not run and why])."""
+    op_rows, model_rows, unavailable = [], [], []
+    ticking = progress.wrap(time_call)
+    for kind, names, table, out in (("op", ops, OP_BENCHES, op_rows), ("model", models, MODEL_BENCHES, model_rows)):
+        for name in names:
+            progress.begin(f"{kind} {name}")
+            status = "done"
+            try:
+                rows = load(table[name])(device, ticking, warmup, repeats, quick=quick)
+                out += [normalize_row(r) for r in rows]
+            except BenchUnavailable as exc:
+                unavailable.append({"kind": kind, "name": name, "reason": f"skipped: {exc}"})
+                progress.note(f"{kind} {name} skipped: {exc}")
+                status = "skipped"
+            except Exception as exc:  # one broken benchmark must not lose the others' figures
+                unavailable.append({"kind": kind, "name": name, "reason": f"failed: {type(exc).__name__}: {exc}"})
+                progress.note(f"{kind} {name} failed: {type(exc).__name__}: {exc}")
+                status = "failed"
+            progress.end(status)
+    return op_rows, model_rows, unavailable
 
 
-def update_readme(path, device, rows, op_rows=()):
-    """Put this run's table between ``<!-- bench:<device type> -->`` and ``<!-- /bench:<device type> -->``."""
-    begin, end = f"<!-- bench:{device.type} -->", f"<!-- /bench:{device.type} -->"
-    with open(path) as f:
-        text = f.read()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{path} has no {begin} ... {end} markers")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    stamp = time.strftime("%Y-%m-%d", time.gmtime())
-    tables = ([bench_scan.format_rows(op_rows)] if op_rows else []) + ([format_table(rows)] if rows else [])
-    body = "\n\n".join(tables)
-    block = f"{begin}\nMeasured {stamp} on {name} (`python -m medkernels.bench`):\n\n```\n{body}\n```\n{end}"
-    head, rest = text.split(begin, 1)
-    with open(path, "w") as f:
-        f.write(head + block + rest.split(end, 1)[1])
+def _notes(device, quick):
+    from .bench_models import config
+
+    cfg = config(device, quick)
+    notes = [f"networks: inference at {cfg['size']}x{cfg['size']}, batch {' and '.join(map(str, cfg['infer_batches']))}; "
+             f"training step (forward, cross-entropy, backward, AdamW) at batch {cfg['train_batch']}"]
+    if quick and torch.device(device).type == "cpu":
+        notes.append("--quick on CPU: ops at MedMamba-T stages 1 and 4 only, training batch reduced, torch.compile "
+                     "rows skipped (run --full for all of them)")
+    return notes
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m medkernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write every figure to this JSON file")
-    parser.add_argument("--update-readme", metavar="README", help="replace this device's table in README (between bench markers)")
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.readme_from:
+        readme = args.update_readme or "README.md"
+        latest = {}  # per device type, the most recent run among the files given
+        for path in args.readme_from:
+            data = load_json(path)
+            kind = data["device"]["type"]
+            if kind not in latest or data["started"] > latest[kind][1]["started"]:
+                latest[kind] = (path, data)
+        for kind, (path, data) in sorted(latest.items()):
+            update_readme(readme, data, source=path)
+            print(f"wrote the {kind} table of {readme} from {path}")
+        return 0
+    quick = not args.full
+    mode = "quick" if quick else "full"
+    warmup = DEFAULTS[mode]["warmup"] if args.warmup is None else args.warmup
+    repeats = DEFAULTS[mode]["repeats"] if args.repeats is None else args.repeats
     device = torch.device(args.device)
-    backends = _backends_for(device)
-    env = info()
-    fallbacks = {b: ops for b, ops in env["reference_fallbacks"].items() if b in backends}
-    sys.stdout.write(
-        f"medkernels bench on {platform.node()} ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n"
-        f"backends: {', '.join(backends)}; ops still on their reference there: "
-        + "; ".join(f"{b}: {', '.join(o) or '-'}" for b, o in fallbacks.items())
-        + "\n\n"
-    )
-    op_rows = []
-    if "selective_scan" in args.ops:
-        op_rows += bench_scan.bench_selective_scan(device, time_call, args.warmup, args.repeats)
-    if "ss2d_scan" in args.ops:
-        op_rows += bench_scan.bench_ss2d(device, time_call, args.warmup, args.repeats)
-    if op_rows:
-        sys.stdout.write(bench_scan.format_rows(op_rows) + "\n\n")
-    rows = []
-    for name in args.models:
-        for batch in args.batch:
-            rows += bench_model(name, device, backends, batch, args.size, args.warmup, args.repeats)
-        sys.stdout.write(format_table([r for r in rows if r["model"] == name]) + "\n\n")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch")
+    ops = list(OP_BENCHES) if args.ops is None else args.ops
+    models = list(MODEL_BENCHES) if args.models is None else args.models
+    dev = device_info(device)
+    env = environment(device)
+    print(f"medkernels bench --{mode} on {dev['name']} ({device}, {dev['threads']} threads), torch {torch.__version__}; "
+          f"backends: {', '.join(backends_for(device))}; warm-up {warmup}, repeats {repeats}", flush=True)
+    progress = Progress(len(ops) + len(models), enabled=not args.no_progress)
+    started, t0, load_start = now_iso(), time.perf_counter(), _load_average()
+    op_rows, model_rows, unavailable = run_suite(device, ops, models, quick, warmup, repeats, progress)
+    progress.close()
+    # other work on the machine distorts CPU timings; the load average says how much there was
+    env["load_average"] = {"start": load_start, "end": _load_average()}
+    data = {"schema": SCHEMA, "mode": mode, "device": dev, "environment": env,
+            "settings": {"warmup": warmup, "repeats": repeats, "ops": ops, "models": models,
+                         "notes": _notes(device, quick)},
+            "started": started, "duration_s": time.perf_counter() - t0,
+            "op_rows": op_rows, "model_rows": model_rows, "unavailable": unavailable}
+    print("\n" + format_run(data) + "\n")
+    print("notes: " + " | ".join(data["settings"]["notes"]))
+    problems = check_schema(data)
+    if problems:
+        print("warning: the JSON has problems: " + "; ".join(problems[:5]), file=sys.stderr)
+    if not args.no_json:
+        path = args.out or f"{RESULTS_DIR}/{dev['slug']}.json"
+        write_json(data, path)
+        print(f"wrote {path}")
+        if not args.no_plot:
+            _plot(data, path[: -len(".json")] + ".png" if path.endswith(".json") else path + ".png")
     if args.update_readme:
-        update_readme(args.update_readme, device, rows, op_rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "device": str(device), "args": vars(args), "rows": rows,
-                       "op_rows": op_rows}, f, indent=1)
+        update_readme(args.update_readme, data, source=None if args.no_json else path)
+        print(f"wrote the {dev['type']} table of {args.update_readme}")
+    print(f"took {data['duration_s']:.0f} s")
     return 0
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _plot(data, path):
+    from .bench_plot import write_plot
+
+    try:
+        write_plot(data, path)
+        print(f"wrote {path}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -r requirements-bench.txt)")
+    except ValueError as exc:
+        print(f"no plot: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,45 @@
-"""Benchmarks of the selective scan and the fused SS2D scan at MedMamba-T's stage-1 shapes.
+"""Benchmarks of the selective scan, the fused SS2D scan and the cross-scan at MedMamba-T's stage shapes.
 
-Providers are measured side by side in one run: each medkernels backend that runs on the device (``ref`` is
-the plain PyTorch loop), and on CPU mambapy's pure-PyTorch parallel scan (``mambapy.pscan``, optional).
-Each row carries its error against the reference on the same inputs. Peak memory (CPU) is the growth of
-the resident set of a fresh child process over one forward+backward call.
+Providers, side by side in one run: ``ref`` (the op's pure-PyTorch reference, eager), each medkernels
+backend that runs on the device, ``ref-compiled`` (``torch.compile`` of the reference, where that is
+workable, see ``compile_skip_reason``), on CPU mambapy's parallel scan (``mambapy.pscan``, optional) and on
+GPU mamba_ssm's ``selective_scan_fn`` (when installed). SS2D also has each backend's unfused path
+(cross_scan + selective_scan + cross_merge).
 """
-import argparse
-import json
-import resource
-import subprocess
-import sys
-
 import torch
 import torch.nn.functional as F
 
 from . import _backend, ops
+from .bench_op import FWD_BWD, forward_backward, run_op_bench, status_row
+from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb
+from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref, direction_order
+from .ops.selective_scan_ref import selective_scan_ref
+from .ops.ss2d_scan_ref import ss2d_scan_ref
 
-# MedMamba-T stage 1 at 224x224: SS2D's scan runs on (batch, 4 * 96, 56 * 56) with N = 16 and B, C
-# grouped by direction (G = 4), delta_bias, softplus and D.
-SCAN_SHAPE = {"batch": 2, "dim": 384, "L": 3136, "N": 16, "G": 4}
-SS2D_SHAPE = {"batch": 2, "dim": 96, "H": 56, "W": 56, "N": 16}
-REF_BACKWARD_LIMIT = 200_000  # batch * dim * L above which the loop reference's autograd backward is not run
+# MedMamba-T at 224x224, per stage: (stage, d_inner of its SS2D, feature map side). SS2D's d_inner is the
+# stage's dim (half the channels go to SS2D, which expands them by 2); its scan runs on 4 * d_inner channels.
+MEDMAMBA_T_STAGES = ((1, 96, 56), (2, 192, 28), (3, 384, 14), (4, 768, 7))
+QUICK_STAGES = (1, 4)
+BATCH, N, GROUPS = 2, 16, 4
+
+# The reference's autograd backward writes a full (L, batch, dim, N) gradient for every one of its L steps,
+# so its cost grows as L^2 * batch * dim * N; above this it takes minutes (CPU) and is not run.
+REF_BACKWARD_LIMIT = {"cpu": 4e9, "cuda": 2e12}
+# torch.compile unrolls the reference's L-step Python loop; compiling it at L = 49 took over 5 minutes on a
+# 2-core CPU, so it is only tried for short sequences, and on CPU only with --full.
+COMPILE_MAX_L = 64
+
+
+def stages(quick):
+    return [s for s in MEDMAMBA_T_STAGES if not quick or s[0] in QUICK_STAGES]
+
+
+def scan_shape(stage, d_inner, side):
+    return {"batch": BATCH, "dim": 4 * d_inner, "L": side * side, "N": N, "G": GROUPS}
+
+
+def ss2d_shape(stage, d_inner, side):
+    return {"batch": BATCH, "dim": d_inner, "H": side, "W": side, "N": N}
 
 
 def scan_inputs(device, batch, dim, L, N, G, seed=0):
@@ -38,130 +57,6 @@ def scan_inputs(device, batch, dim, L, N, G, seed=0):
     return {k: v.to(device) for k, v in t.items()}
 
 
-def mambapy_scan(u, delta, A, B, C, D, delta_bias):
-    """The same scan through mambapy's parallel (Blelloch) scan: the best pure-PyTorch CPU alternative."""
-    from mambapy.pscan import pscan
-
-    dim = u.shape[1]
-    dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)  # (b, L, d)
-    per_channel = lambda M: M.repeat_interleave(dim // M.shape[1], dim=1).permute(0, 3, 1, 2)  # noqa: E731
-    decay = torch.exp(dt.unsqueeze(-1) * A)  # (b, L, d, N)
-    drive = dt.unsqueeze(-1) * per_channel(B) * u.transpose(1, 2).unsqueeze(-1)
-    hs = pscan(decay, drive)
-    y = (hs * per_channel(C)).sum(-1) + D * u.transpose(1, 2)
-    return y.transpose(1, 2)
-
-
-def _scan_call(provider, t):
-    if provider == "mambapy":
-        return mambapy_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"])
-    with _backend.use_backend(provider):
-        return ops.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
-                                  delta_softplus=True)
-
-
-def _with_grad(t):
-    return {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
-
-
-def _fwd_bwd(provider, t, grad):
-    out = _scan_call(provider, t)
-    out.backward(grad)
-    return out
-
-
-def scan_providers(device):
-    from .bench import _backends_for
-
-    providers = _backends_for(device)
-    if device.type == "cpu":
-        try:
-            import mambapy.pscan  # noqa: F401
-
-            providers.append("mambapy")
-        except ImportError:
-            pass
-    return providers
-
-
-def peak_memory_mb(provider, shape):
-    """Resident-set growth (MB) of a fresh process over one forward+backward of `provider` at `shape`."""
-    code = (
-        "import json, sys; from medkernels.bench_scan import _child_peak; "
-        f"print(json.dumps(_child_peak({provider!r}, {shape!r})))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"peak-memory child for {provider} failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def _high_water_kb():
-    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork and exec.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _child_peak(provider, shape):
-    t = _with_grad(scan_inputs(torch.device("cpu"), **shape))
-    grad = torch.ones(shape["batch"], shape["dim"], shape["L"])
-    before = _high_water_kb()
-    _fwd_bwd(provider, t, grad)
-    return (_high_water_kb() - before) / 1024.0
-
-
-def bench_selective_scan(device, time_call, warmup, repeats, shape=SCAN_SHAPE, memory=True):
-    t = scan_inputs(device, **shape)
-    providers = scan_providers(device)
-    rows = []
-    with torch.no_grad():
-        reference = _scan_call("ref", t).double()
-    big = shape["batch"] * shape["dim"] * shape["L"] > REF_BACKWARD_LIMIT
-    grad = torch.randn(shape["batch"], shape["dim"], shape["L"], generator=torch.Generator().manual_seed(1)).to(device)
-    grads = {}
-    for provider in providers:
-        with torch.no_grad():
-            err = float((_scan_call(provider, t).double() - reference).abs().max())
-            stats = time_call(lambda: _scan_call(provider, t), device, warmup, repeats)
-        rows.append({"op": "selective_scan", "pass": "forward", "provider": provider, "max_abs_err_vs_ref": err, **stats})
-        if provider == "ref" and big:
-            continue  # its autograd backward through an L-step loop takes many minutes at this size
-        tg = _with_grad(t)
-        _fwd_bwd(provider, tg, grad)
-        grads[provider] = tg["u"].grad.double()
-        stats = time_call(lambda: _fwd_bwd(provider, _with_grad(t), grad), device, warmup, repeats)
-        row = {"op": "selective_scan", "pass": "forward+backward", "provider": provider, **stats}
-        if memory and device.type == "cpu":
-            row["peak_mem_mb"] = peak_memory_mb(provider, shape)
-        rows.append(row)
-    # gradients against an autograd-exact pure-PyTorch provider at the same size
-    exact = grads.get("ref", grads.get("mambapy"))
-    for row in rows:
-        if row["pass"] == "forward+backward" and exact is not None:
-            row["max_abs_grad_u_err"] = float((grads[row["provider"]] - exact).abs().max())
-    _ratios(rows, "forward", "ref")
-    _ratios(rows, "forward+backward", "mambapy" if "mambapy" in providers else "ref")
-    for row in rows:
-        row["shape"] = dict(shape)
-    return rows
-
-
-def _ratios(rows, pass_name, baseline):
-    base = next((r for r in rows if r["pass"] == pass_name and r["provider"] == baseline), None)
-    for r in rows:
-        if r["pass"] == pass_name and base is not None:
-            r["baseline"] = baseline
-            r["speedup"] = base["median_s"] / r["median_s"]
-            if "peak_mem_mb" in r and "peak_mem_mb" in base and base["peak_mem_mb"] > 0:
-                r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"]
-
-
 def ss2d_inputs(device, batch, dim, H, W, N, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = {
@@ -176,13 +71,165 @@ def ss2d_inputs(device, batch, dim, H, W, N, seed=0):
     return {k: v.to(device) for k, v in t.items()}
 
 
+def mambapy_scan(u, delta, A, B, C, D, delta_bias):
+    """The selective scan through mambapy's parallel (Blelloch) scan: the best pure-PyTorch CPU alternative."""
+    from mambapy.pscan import pscan
+
+    dim = u.shape[1]
+    dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)  # (b, L, d)
+    per_channel = lambda M: M.repeat_interleave(dim // M.shape[1], dim=1).permute(0, 3, 1, 2)  # noqa: E731
+    decay = torch.exp(dt.unsqueeze(-1) * A)  # (b, L, d, N)
+    drive = dt.unsqueeze(-1) * per_channel(B) * u.transpose(1, 2).unsqueeze(-1)
+    hs = pscan(decay, drive)
+    y = (hs * per_channel(C)).sum(-1) + D * u.transpose(1, 2)
+    return y.transpose(1, 2)
+
+
+def mamba_ssm_scan(u, delta, A, B, C, D, delta_bias):
+    """mamba_ssm's CUDA selective_scan_fn (the GPU peer), grouped B/C as medkernels takes them."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus=True)
+
+
+def _scan_args(t):
+    return t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"]
+
+
+def _on_backend(backend, fn):
+    def call(t):
+        with _backend.use_backend(backend):
+            return fn(t)
+
+    return call
+
+
+def _op_scan(t):
+    return ops.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
+                              delta_softplus=True)
+
+
+def _ref_scan(t):
+    return selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], None, t["delta_bias"], True)[0]
+
+
+def _triton_assoc(fn):
+    """The Triton backend with its associative-scan forward walk instead of the default sequential one."""
+    from .kernels import selective_scan as triton_scan
+
+    def call(t):
+        previous = triton_scan.set_forward_method("assoc")
+        try:
+            with _backend.use_backend("triton"):
+                return fn(t)
+        finally:
+            triton_scan.set_forward_method(previous)
+
+    return call
+
+
+def _importable(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _kernel_backends(device):
+    from .bench import backends_for
+
+    return [b for b in backends_for(device) if b != "ref"]
+
+
+def _external(device):
+    """The non-medkernels scan providers for `device`: name -> reason it cannot run (None when it can)."""
+    if device.type == "cpu":
+        return {"mambapy": None if _importable("mambapy.pscan") else
+                "mambapy is not installed (pip install -r requirements-bench.txt)"}
+    return {"mamba_ssm": None if _importable("mamba_ssm.ops.selective_scan_interface") else
+            "mamba_ssm is not installed"}
+
+
+def compile_skip_reason(device, quick, L):
+    if device.type == "cpu" and quick:
+        return ("skipped: --quick on CPU; inductor unrolls the reference's L-step loop and compiling it takes "
+                "minutes (run --full)")
+    if L > COMPILE_MAX_L:
+        return f"skipped: L = {L} > {COMPILE_MAX_L}; inductor unrolls the reference's L-step loop (minutes to compile)"
+    return None
+
+
+def ref_backward_skip_reason(device, batch, dim, L, N):
+    cost = float(L) * L * batch * dim * N
+    if cost > REF_BACKWARD_LIMIT.get(device.type, REF_BACKWARD_LIMIT["cpu"]):
+        return (f"skipped: the reference's autograd backward writes an (L, batch, dim, N) gradient per step "
+                f"(~{4 * cost / 1e12:.1f} TB at L = {L}); baseline falls back to the next provider")
+    return None
+
+
+def _compiled(fn):
+    """torch.compile of `fn`, compiled on its first call (which run_op_bench times as first_call_s)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _not_run(t):
+    raise RuntimeError("this provider is skipped and never called")
+
+
+def _skips(providers, device, L, compile_reason, ref_bwd_reason, external):
+    """{(provider, pass): reason} for the pairs not run; unavailable external providers get a placeholder."""
+    skip = {}
+    for name, reason in external.items():
+        if reason:
+            providers[name] = _not_run
+            skip[(name, "forward")] = skip[(name, FWD_BWD)] = "skipped: " + reason
+    if compile_reason:
+        skip[("ref-compiled", "forward")] = skip[("ref-compiled", FWD_BWD)] = compile_reason
+    if ref_bwd_reason:
+        skip[("ref", FWD_BWD)] = ref_bwd_reason
+    return skip
+
+
+def _memory(op, shape, device):
+    """Peak memory of one forward+backward: a child process's resident-set growth on CPU, the allocator
+    peak on GPU. Not measured for compiled providers on CPU (the child would have to compile again)."""
+
+    def measure(name, call):
+        if device.type == "cuda":
+            return cuda_peak_mb(call, device)
+        if name.endswith("-compiled"):
+            return None
+        return child_peak_mb("medkernels.bench_scan:memory_step", {"op": op, "provider": name, "shape": shape})
+
+    return measure
+
+
+def scan_providers(device):
+    providers = {"ref": _on_backend("ref", _op_scan), "ref-compiled": _compiled(_ref_scan)}
+    for backend in _kernel_backends(device):
+        providers[backend] = _on_backend(backend, _op_scan)
+        if backend == "triton":
+            providers["triton-assoc"] = _triton_assoc(_op_scan)
+    for name, reason in _external(device).items():
+        if reason is None:
+            providers[name] = (lambda t: mambapy_scan(*_scan_args(t))) if name == "mambapy" else \
+                (lambda t: mamba_ssm_scan(*_scan_args(t)))
+    return providers
+
+
+def _in_scan_order(x):
+    """(b, 4, c, H, W), slice k in pixel order -> (b, 4, c, H*W), slice k in direction k's scan order."""
+    return torch.stack([direction_order(x[:, k], k) for k in range(4)], 1)
+
+
 def _unfused_ss2d(t):
-    """What SS2D does without the fused op: materialise the four scan orders, scan, merge back."""
+    """SS2D without the fused op: materialise the four scan orders, scan, merge back (the per-direction
+    delta, B, C come in pixel order, as SS2D computes them, and are put in scan order in PyTorch)."""
     b, dim, h, w = t["u"].shape
-    in_order = lambda x: torch.stack([ops.cross_scan(x[:, k])[:, k] for k in range(4)], 1)  # noqa: E731
-    y = ops.selective_scan(ops.cross_scan(t["u"]).reshape(b, 4 * dim, h * w), in_order(t["delta"]).reshape(b, 4 * dim, h * w),
-                           t["A"], in_order(t["B"]), in_order(t["C"]), D=t["D"], delta_bias=t["delta_bias"],
-                           delta_softplus=True)
+    y = ops.selective_scan(ops.cross_scan(t["u"]).reshape(b, 4 * dim, h * w),
+                           _in_scan_order(t["delta"]).reshape(b, 4 * dim, h * w), t["A"], _in_scan_order(t["B"]),
+                           _in_scan_order(t["C"]), D=t["D"], delta_bias=t["delta_bias"], delta_softplus=True)
     return ops.cross_merge(y.reshape(b, 4, dim, h, w)).reshape(b, dim, h, w)
 
 
@@ -190,44 +237,104 @@ def _fused_ss2d(t):
     return ops.ss2d_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"])
 
 
-def bench_ss2d(device, time_call, warmup, repeats, shape=SS2D_SHAPE):
-    t = ss2d_inputs(device, **shape)
+def _ref_ss2d(t):
+    return ss2d_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"], True)
+
+
+def _external_ss2d(scan):
+    """The official SS2D formulation around another scan: PyTorch cross-scan, the scan, PyTorch merge."""
+
+    def call(t):
+        b, dim, h, w = t["u"].shape
+        y = scan(cross_scan_ref(t["u"]).reshape(b, 4 * dim, h * w), _in_scan_order(t["delta"]).reshape(b, 4 * dim, h * w),
+                 t["A"], _in_scan_order(t["B"]), _in_scan_order(t["C"]), t["D"], t["delta_bias"])
+        return cross_merge_ref(y.reshape(b, 4, dim, h, w)).reshape(b, dim, h, w)
+
+    return call
+
+
+def ss2d_providers(device):
+    providers = {"ref": _on_backend("ref", _fused_ss2d), "ref-compiled": _compiled(_ref_ss2d)}
+    for backend in _kernel_backends(device):
+        providers[backend] = _on_backend(backend, _fused_ss2d)
+        providers[f"{backend}-unfused"] = _on_backend(backend, _unfused_ss2d)
+    for name, reason in _external(device).items():
+        if reason is None:
+            providers[name] = _external_ss2d(mambapy_scan if name == "mambapy" else mamba_ssm_scan)
+    return providers
+
+
+def cross_scan_providers(device):
+    providers = {"ref": _on_backend("ref", lambda t: ops.cross_scan(t["x"])),
+                 "ref-compiled": _compiled(lambda t: cross_scan_ref(t["x"]))}
+    for backend in _kernel_backends(device):
+        providers[backend] = _on_backend(backend, lambda t: ops.cross_scan(t["x"]))
+    return providers
+
+
+def memory_step(op, provider, shape):
+    """The child side of a CPU peak-memory measurement: inputs built, one forward+backward returned."""
+    device = torch.device("cpu")
+    make = {"selective_scan": (scan_providers, scan_inputs), "ss2d_scan": (ss2d_providers, ss2d_inputs),
+            "cross_scan": (cross_scan_providers, cross_inputs)}[op]
+    fn, inputs = make[0](device)[provider], make[1](device, **shape)
+    with torch.no_grad():
+        grad = torch.randn_like(fn(inputs))
+    return lambda: forward_backward(fn, inputs, grad)
+
+
+def cross_inputs(device, batch, dim, H, W):
+    return {"x": torch.randn(batch, dim, H, W, generator=torch.Generator().manual_seed(0)).to(device)}
+
+
+QUICK_SS2D_MAMBAPY_NOTE = "skipped: --quick (mambapy's scan is timed in the selective_scan rows; --full times it here)"
+
+
+def _run_stages(op, make_shape, make_inputs, make_providers, device, time_call, warmup, repeats, quick, memory,
+                shapes, ref_bwd, compile_reason):
     rows = []
-    for backend in [p for p in scan_providers(device) if p not in ("mambapy", "ref")]:
-        with _backend.use_backend(backend), torch.no_grad():
-            ref = _fused_ss2d(t)
-            for name, fn in (("unfused", _unfused_ss2d), ("fused", _fused_ss2d)):
-                err = float((fn(t) - ref).abs().max())
-                stats = time_call(lambda: fn(t), device, warmup, repeats)
-                rows.append({"op": "ss2d_scan", "pass": "forward", "provider": f"{backend}-{name}",
-                             "max_abs_err_vs_fused": err, "shape": dict(shape), **stats})
-        base = next(r for r in rows if r["provider"] == f"{backend}-unfused")
-        for r in rows:
-            if r["provider"].startswith(backend + "-"):
-                r["baseline"], r["speedup"] = base["provider"], base["median_s"] / r["median_s"]
+    for i, stage in enumerate(shapes if shapes is not None else stages(quick)):
+        shape = make_shape(*stage) if isinstance(stage, tuple) else dict(stage)
+        label = (f"stage {stage[0]}: " if isinstance(stage, tuple) else "") + " ".join(f"{k}={v}" for k, v in shape.items())
+        providers = make_providers(device)
+        L = shape.get("L", shape.get("H", 1) * shape.get("W", 1))
+        external = _external(device) if op != "cross_scan" else {}
+        skip = _skips(providers, device, L, compile_reason(L), ref_bwd(shape), external)
+        if op == "ss2d_scan" and quick and "mambapy" in providers and ("mambapy", "forward") not in skip:
+            skip[("mambapy", "forward")] = skip[("mambapy", FWD_BWD)] = QUICK_SS2D_MAMBAPY_NOTE
+        try:
+            inputs = make_inputs(device, **shape)
+        except Exception as exc:  # e.g. out of memory at a full-size shape
+            rows += [status_row(op, p, name, shape, "failed", f"inputs: {exc}", label)
+                     for p in ("forward", FWD_BWD) for name in providers]
+            continue
+        # in quick mode peak memory only at the first (largest) shape: on CPU each figure is a fresh process
+        mem = _memory(op, shape, device) if memory and (not quick or i == 0) else None
+        rows += run_op_bench(op, shape, inputs, providers, device, time_call, warmup, repeats, skip=skip, label=label,
+                             baselines=("ref", "mambapy", "mamba_ssm") + tuple(p for p in providers if p.endswith("-unfused")),
+                             memory=mem,
+                             budget_s=QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None)
     return rows
 
 
-def format_rows(rows):
-    header = (f"{'op':15s} {'pass':17s} {'provider':16s} {'median ms':>10s} {'spread ms':>17s} {'speed-up':>18s} "
-              f"{'peak MB':>8s} {'max|err|':>9s}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        ratio = f"{r['speedup']:.1f}x vs {r['baseline']}" if "speedup" in r else "-"
-        mem = f"{r['peak_mem_mb']:.0f}" if "peak_mem_mb" in r else "-"
-        err = r.get("max_abs_err_vs_ref", r.get("max_abs_grad_u_err", r.get("max_abs_err_vs_fused")))
-        err = f"{err:.1e}" if err is not None else "-"
-        spread = f"{1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}"
-        lines.append(f"{r['op']:15s} {r['pass']:17s} {r['provider']:16s} {1e3 * r['median_s']:10.1f} {spread:>17s} "
-                     f"{ratio:>18s} {mem:>8s} {err:>9s}")
-    return "\n".join(lines)
+def bench_selective_scan(device, time_call, warmup, repeats, quick=True, shapes=None, memory=True):
+    device = torch.device(device)
+    return _run_stages("selective_scan", scan_shape, scan_inputs, scan_providers, device, time_call, warmup,
+                       repeats, quick, memory, shapes,
+                       lambda s: ref_backward_skip_reason(device, s["batch"], s["dim"], s["L"], s["N"]),
+                       lambda L: compile_skip_reason(device, quick, L))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="selective scan benchmarks alone")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    from .bench import time_call
+def bench_ss2d(device, time_call, warmup, repeats, quick=True, shapes=None, memory=True):
+    device = torch.device(device)
+    return _run_stages("ss2d_scan", ss2d_shape, ss2d_inputs, ss2d_providers, device, time_call, warmup, repeats,
+                       quick, memory, shapes,
+                       lambda s: ref_backward_skip_reason(device, s["batch"], 4 * s["dim"], s["H"] * s["W"], s["N"]),
+                       lambda L: compile_skip_reason(device, quick, L))
 
-    result = bench_selective_scan(torch.device(args.device), time_call, 1, 3) + bench_ss2d(torch.device(args.device), time_call, 1, 3)
-    print(format_rows(result))
+
+def bench_cross_scan(device, time_call, warmup, repeats, quick=True, shapes=None, memory=False):
+    device = torch.device(device)
+    make_shape = lambda stage, d_inner, side: {"batch": BATCH, "dim": d_inner, "H": side, "W": side}  # noqa: E731
+    return _run_stages("cross_scan", make_shape, cross_inputs, cross_scan_providers, device, time_call, warmup,
+                       repeats, quick, memory, shapes, lambda s: None, lambda L: None)

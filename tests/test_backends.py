@@ -92,7 +92,7 @@ def test_info_reports_backends_and_gaps():
         assert b["available"] or b["reason"]
     for backend, missing in d["reference_fallbacks"].items():
         assert missing == sorted(n for n, t in _backend.OPS.items() if not t.implemented_in(backend))
-    assert "depthwise_conv2d" in d["reference_fallbacks"]["cpu"]  # no C++ kernel yet
+    assert "depthwise_conv2d" not in d["reference_fallbacks"]["cpu"]
     assert "cross_scan" not in d["reference_fallbacks"]["cpu"]
 
 

@@ -27,6 +27,9 @@ def expected(x, w, b, stride, act):
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_float32(device_backend, case, act, layout):
     device, backend = device_backend
+    if backend == "triton" and device.type == "cpu" and case != CASES[0].values[0]:
+        pytest.skip("Triton's CPU interpreter takes the first case only here; "
+                    "test_depthwise_conv_kernels.py covers every kernel size and stride on tiny shapes")
     bsz, c, h, w, k, stride = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(bsz, c, h, w, generator=g).to(device)

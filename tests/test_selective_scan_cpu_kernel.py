@@ -111,6 +111,42 @@ def test_scan_low_precision(dtype, tol):
     _check_scan(_scan_inputs(2, 8, 150, 16, 2, dtype, seed=2), True, dtype, tol)
 
 
+@pytest.mark.parametrize("L", [15, 16, 17, 97, 200], ids=lambda L: f"L{L}")
+def test_scan_float32_state16_blocks(L):
+    # float32 with N = 16 runs whole blocks of 16 positions through the in-register decay path and the
+    # rest of each 64-position chunk through the generic loop: both, and their seams, against float64.
+    _check_scan(_scan_inputs(2, 4, L, 16, 2, torch.float32, seed=5), True, torch.float32, 1e-4)
+
+
+def test_scan_float32_decay_extremes():
+    # Decays exp(dt * A) from 1 down past float32's smallest normal (A to -3000, dt to 5), and a few
+    # growing states (A > 0): the inline exponential's range handling against float64.
+    u, delta, A, B, C, Dv, zv, bv = _scan_inputs(1, 3, 80, 16, 1, torch.float32, seed=6)
+    A = -torch.exp(torch.linspace(-4.0, 8.0, 3 * 16)).reshape(3, 16)
+    A[1, :4] = torch.tensor([0.05, 0.1, 0.02, 0.0])
+    delta = torch.linspace(-3.0, 5.0, 3 * 80).reshape(1, 3, 80)
+    (out, last) = C_.selective_scan_fwd_cpu(u, delta, A, B, C, Dv, zv, bv, True)
+    exp_out, exp_last = selective_scan_ref(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                           Dv.double(), zv.double(), bv.double(), True)
+    _close(out, exp_out, 1e-4)
+    _close(last, exp_last, 1e-4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["u", "delta", "B"])
+def test_scan_float32_nonfinite_propagates_like_reference(bad, where):
+    args = list(_scan_inputs(1, 2, 40, 16, 1, torch.float32, seed=8, z=False))
+    pos = {"u": 0, "delta": 1, "B": 3}[where]
+    args[pos] = args[pos].clone()
+    args[pos].view(-1)[21] = bad
+    out, _ = C_.selective_scan_fwd_cpu(*args, True)
+    exp, _ = selective_scan_ref(*[None if t is None else t.double() for t in args], True)
+    assert torch.equal(out.isnan(), exp.isnan())
+    assert torch.equal(out.isinf(), exp.isinf())
+    finite = exp.isfinite()
+    _close(out[finite], exp[finite], 1e-4)
+
+
 def _check_ss2d(args, softplus, dtype, tol, threads=None):
     u, delta, A, B, C, Dv, bv = args
     old = torch.get_num_threads()

@@ -11,9 +11,10 @@ class DepthwiseConv2d(nn.Module):
     """Depthwise 2-D convolution with an optional fused activation.
 
     Same parameters and state_dict keys as ``nn.Conv2d(channels, channels, kernel_size, stride, padding,
-    groups=channels, bias=bias)``: ``weight (C, 1, k, k)``, ``bias (C,)``. Input ``(B, C, H, W)``, NCHW or
-    channels_last; output in the input's memory format. padding defaults to ``kernel_size // 2``.
-    activation: None, "silu", "gelu" or "relu", applied in the same pass.
+    groups=channels, bias=bias)``: ``weight (C, 1, k, k)``, ``bias (C,)``. Input ``(B, C, H, W)`` in any
+    strides (NCHW, channels_last, a permuted channels-last slice), read in place; output in the input's
+    memory format, or in ``memory_format`` when ``forward`` is given one. padding defaults to
+    ``kernel_size // 2``. activation: None, "silu", "gelu" or "relu", applied in the same pass.
     """
 
     def __init__(self, channels, kernel_size, stride=1, padding=None, bias=True, activation=None, device=None, dtype=None):
@@ -35,8 +36,8 @@ class DepthwiseConv2d(nn.Module):
             bound = 1 / math.sqrt(self.kernel_size * self.kernel_size)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x):
-        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation)
+    def forward(self, x, memory_format=None):
+        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation, memory_format)
 
     def extra_repr(self):
         return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "

@@ -374,7 +374,8 @@ class LocalBlock(nn.Module):
     """HiFuse local feature block.
 
     y = depthwise 3x3 conv (with bias) -> channels-last LayerNorm(eps 1e-6) -> Linear(dim, dim)
-    -> GELU; out = x + drop_path(y).
+    -> GELU; out = x + drop_path(y). The convolution and the LayerNorm run as one op
+    (:func:`medkernels.ops.depthwise_conv2d_layernorm`), which writes the channels-last rows the Linear reads.
 
     x: (batch, dim, H, W) -> (batch, dim, H, W).
     """
@@ -388,8 +389,10 @@ class LocalBlock(nn.Module):
         self.drop_path = _maybe_drop_path(drop_path)
 
     def forward(self, x):
-        y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.act(self.pwconv(self.norm(y)))
+        conv = self.dwconv
+        y = _ops.depthwise_conv2d_layernorm(x, conv.weight, conv.bias, self.norm.weight, self.norm.bias,
+                                            self.norm.eps, conv.stride, conv.padding)  # (batch, H, W, dim)
+        y = self.act(self.pwconv(y))
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 

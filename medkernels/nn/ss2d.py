@@ -3,7 +3,8 @@
 Re-implementation (own code) of the modules of the official MedMamba (YubiaoYue/MedMamba, ``MedMamba.py``),
 with identical parameter names, shapes and forward maths, but without any dependency on ``mamba_ssm``:
 the scan path goes through :mod:`medkernels.ops` (``cross_scan``, ``selective_scan``, ``cross_merge``) and the
-depthwise convolution through :class:`medkernels.nn.DepthwiseConv2d`.
+depthwise convolution through :class:`medkernels.nn.DepthwiseConv2d`, which reads in_proj's channels-last output
+in place and writes the layout the scan reads.
 
 Layout conventions: every block here works channels-last, ``(batch, H, W, channels)``, like the official code;
 only the convolutional branch and the scan core work in ``(batch, channels, H, W)``.
@@ -218,7 +219,9 @@ class SS2D(nn.Module):
         _check_channels_last(x, "x", self.d_model, "SS2D")
         b, h, w, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, h, w, d_inner) each
-        x = self.conv2d(x.permute(0, 3, 1, 2).contiguous())  # (b, d_inner, h, w), SiLU fused
+        # the conv reads the channels-last half of in_proj's output in place and writes the
+        # (b, d_inner, h, w) pixel-order layout the scan reads, SiLU fused
+        x = self.conv2d(x.permute(0, 3, 1, 2), memory_format=torch.contiguous_format)
         y = self.forward_core(x)  # (b, d_inner, L) float32
         y = y.transpose(1, 2).reshape(b, h, w, self.d_inner)
         y = self.out_norm(y) * F.silu(z)

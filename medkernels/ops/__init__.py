@@ -1,6 +1,8 @@
 """medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
 from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv import depthwise_conv2d
+from .depthwise_layernorm import depthwise_conv2d_layernorm
+from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .hff_attention import hff_channel_attention, hff_channel_gate, hff_spatial_attention, hff_spatial_gate
 from .hff_attention_tail import hff_attention_tail
 from .hff_fused_tail import hff_fused_tail
@@ -13,6 +15,7 @@ __all__ = [
     "cross_scan",
     "cross_merge",
     "depthwise_conv2d",
+    "depthwise_conv2d_layernorm",
     "hff_spatial_attention",
     "hff_channel_attention",
     "hff_spatial_gate",

@@ -1,11 +1,16 @@
 """medkernels.ops.depthwise_conv2d: validation, backend dispatch, torch.library registration and autograd."""
 from typing import List, Optional
 
+import importlib
+
 import torch
 
+from .. import _ext
 from .._backend import OpTable, resolve
 from ._common import check_same_device, check_tensor, vjp
 from .depthwise_conv_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
+
+MAX_KERNEL = 31
 
 
 class _RefImpl:
@@ -16,14 +21,46 @@ class _RefImpl:
         return vjp(depthwise_conv2d_ref, (x, weight, bias, stride, padding, activation), grad)[:3]
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+class _KernelImpl:
+    """Adapts a backend's depthwise_conv2d_fwd/bwd (contract in csrc/ops.h): x and grad in any strides,
+    weight and bias contiguous."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd, self.bwd = fwd, bwd
+
+    def forward(self, x, weight, bias, stride, padding, activation, channels_last):
+        return self.fwd(x, weight.contiguous(), _contiguous(bias), stride, padding, activation, channels_last)
+
+    def backward(self, grad, x, weight, bias, stride, padding, activation):
+        gx, gw, gb = self.bwd(grad, x, weight.contiguous(), _contiguous(bias), stride, padding, activation)
+        return gx, gw, gb
+
+
+def kernel_function(backend, name):
+    """Kernel `name` of `backend`: `name`_cpu / `name`_cuda in the extension, `name` in the Triton module."""
+    if backend == "triton":
+        return getattr(importlib.import_module("medkernels.kernels.depthwise_conv"), name)
+    return getattr(_ext.module(), f"{name}_{backend}")
+
+
 DEPTHWISE_CONV2D = OpTable("depthwise_conv2d", ref=_RefImpl)
+for _name in ("cpu", "cuda", "triton"):
+    DEPTHWISE_CONV2D.register(_name, lambda b=_name: _KernelImpl(kernel_function(b, "depthwise_conv2d_fwd"),
+                                                                 kernel_function(b, "depthwise_conv2d_bwd")))
 
 
 @torch.library.custom_op("medkernels::depthwise_conv2d_fwd", mutates_args=())
 def _depthwise_conv2d_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int, activation: str, backend: str
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int, activation: str,
+    backend: str, channels_last: Optional[bool] = None,
 ) -> torch.Tensor:
-    return DEPTHWISE_CONV2D.impl(backend).forward(x, weight, bias, stride, padding, activation)
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    return DEPTHWISE_CONV2D.impl(backend).forward(x, weight, bias, stride, padding, activation, channels_last)
 
 
 def _out_size(size, k, stride, padding):
@@ -31,10 +68,12 @@ def _out_size(size, k, stride, padding):
 
 
 @_depthwise_conv2d_fwd.register_fake
-def _(x, weight, bias, stride, padding, activation, backend):
+def _(x, weight, bias, stride, padding, activation, backend, channels_last=None):
     b, c, h, w = x.shape
     k = weight.shape[-1]
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     shape = (b, c, _out_size(h, k, stride, padding), _out_size(w, k, stride, padding))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
@@ -54,7 +93,7 @@ def _(grad, x, weight, bias, stride, padding, activation, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, activation, backend = inputs
+    x, weight, bias, stride, padding, activation, backend, _ = inputs
     ctx.save_for_backward(x, weight, bias)
     ctx.args = (stride, padding, activation, backend)
 
@@ -62,25 +101,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     gx, gw, gb = _depthwise_conv2d_bwd(grad, x, weight, bias, *ctx.args)
-    return gx, gw, (gb if bias is not None else None), None, None, None, None
+    return gx, gw, (gb if bias is not None else None), None, None, None, None, None
 
 
 _depthwise_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=None):
-    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` with the activation fused.
-
-    x: ``(B, C, H, W)`` (NCHW or channels_last; the output keeps x's memory format); weight ``(C, 1, k, k)``;
-    bias ``(C,)`` or None; stride a positive int; padding an int >= 0, default ``k // 2`` (k must then be
-    odd); activation None, "silu", "gelu" or "relu".
-    """
+def validate_conv(x, weight, bias, stride, padding):
+    """Checks the arguments shared by the depthwise ops; returns the padding (default k // 2)."""
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=4)
     channels = x.shape[1]
     if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight must have shape (C, 1, k, k) with C = {channels}, got {tuple(weight.shape)}")
     k = weight.shape[-1]
+    if k > MAX_KERNEL:
+        raise ValueError(f"weight's kernel size k = {k} is too large: k <= {MAX_KERNEL}")
     check_tensor(bias, "bias", ndim=1, optional=True)
     if bias is not None and bias.shape[0] != channels:
         raise ValueError(f"bias must have shape (C,) = ({channels},), got {tuple(bias.shape)}")
@@ -96,9 +132,30 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=No
         padding = k // 2
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
+        raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the kernel {k}")
+    return padding
+
+
+def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=None, memory_format=None):
+    """``act(F.conv2d(x, weight, bias, stride, padding, groups=C))`` with the bias and activation fused.
+
+    x: ``(B, C, H, W)`` in any strides (NCHW, channels_last, slices; the kernels read them in place);
+    weight ``(C, 1, k, k)``, k <= 31; bias ``(C,)`` or None; stride a positive int; padding an int >= 0,
+    default ``k // 2`` (k must then be odd); activation None, "silu", "gelu" (erf) or "relu".
+    Returns ``(B, C, Ho, Wo)``, ``Ho = (H + 2 padding - k) // stride + 1``, in ``memory_format``
+    (``torch.contiguous_format`` or ``torch.channels_last``; default: channels_last when x is
+    channels_last-contiguous, else contiguous). Differentiable in x, weight and bias.
+    """
+    padding = validate_conv(x, weight, bias, stride, padding)
     name = "none" if activation is None else activation
     if name not in ACTIVATIONS or name == "none" and activation is not None:
         raise ValueError(f"activation must be None, 'silu', 'gelu' or 'relu', got {activation!r}")
-    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
-        raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the kernel {k}")
-    return _depthwise_conv2d_fwd(x, weight, bias, stride, padding, name, resolve(DEPTHWISE_CONV2D, x.device))
+    if memory_format is None:
+        channels_last = is_channels_last(x)
+    elif memory_format in (torch.channels_last, torch.contiguous_format):
+        channels_last = memory_format == torch.channels_last
+    else:
+        raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, got {memory_format!r}")
+    backend = resolve(DEPTHWISE_CONV2D, x.device)
+    return _depthwise_conv2d_fwd(x, weight, bias, stride, padding, name, backend, channels_last)

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of the depthwise convolution with a fused activation."""
+"""Pure-PyTorch references of the depthwise convolution with a fused activation, and of the depthwise
+convolution followed by a LayerNorm over channels (HiFuse's Local block)."""
 import torch
 import torch.nn.functional as F
 
@@ -10,11 +11,19 @@ ACTIVATIONS = {
 }
 
 
-def depthwise_conv2d_ref(x, weight, bias, stride, padding, activation):
-    """x: (B, C, H, W), weight: (C, 1, k, k), bias: (C,) or None -> act(conv) in x's memory format."""
+def depthwise_conv2d_ref(x, weight, bias, stride, padding, activation, channels_last=None):
+    """x: (B, C, H, W), weight: (C, 1, k, k), bias: (C,) or None -> act(conv), channels_last or contiguous
+    (None: x's memory format)."""
     y = ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, groups=x.shape[1]))
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return y.contiguous(memory_format=fmt)
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def depthwise_conv2d_layernorm_ref(x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+    """x: (B, C, H, W) -> LayerNorm over C of conv2d(x, weight, bias, groups=C), as (B, Ho, Wo, C) contiguous."""
+    y = F.conv2d(x, weight, bias, stride, padding, groups=x.shape[1]).permute(0, 2, 3, 1)
+    return F.layer_norm(y, (x.shape[1],), ln_weight, ln_bias, eps).contiguous()
 
 
 def is_channels_last(x):

@@ -85,7 +85,9 @@ class _KernelImpl:
 
 SELECTIVE_SCAN = OpTable("selective_scan", ref=_RefImpl)
 SELECTIVE_SCAN.register("cpu", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cpu, _ext.module().selective_scan_bwd_cpu))
-SELECTIVE_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cuda, _ext.module().selective_scan_bwd_cuda))
+# the CUDA backward sums dB, dC and the parameter gradients with atomics
+SELECTIVE_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().selective_scan_fwd_cuda, _ext.module().selective_scan_bwd_cuda),
+                        deterministic=False)
 
 
 def _triton_impl():
@@ -135,14 +137,15 @@ def _selective_scan_bwd(
     backend: str,
 ) -> List[torch.Tensor]:
     grads = SELECTIVE_SCAN.impl(backend).backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    # absent optional inputs get an empty placeholder: custom ops cannot return None
-    return [g if g is not None else u.new_empty(0) for g in grads]
+    # absent optional inputs get an empty placeholder (custom ops cannot return None); gradients are contiguous
+    # whatever the inputs' strides, as the fake kernel promises (compiled graphs rely on it)
+    return [g.contiguous() if g is not None else u.new_empty(0) for g in grads]
 
 
 @_selective_scan_bwd.register_fake
 def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in inputs]
+    return [t.new_empty(t.shape) if t is not None else u.new_empty(0) for t in inputs]
 
 
 def _setup_context(ctx, inputs, output):

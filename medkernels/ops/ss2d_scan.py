@@ -53,7 +53,9 @@ def _triton_impl():
 
 SS2D_SCAN = OpTable("ss2d_scan", ref=_RefImpl)
 SS2D_SCAN.register("cpu", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cpu, _ext.module().ss2d_scan_bwd_cpu))
-SS2D_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cuda, _ext.module().ss2d_scan_bwd_cuda))
+# the CUDA kernels sum the four directions (forward) and the gradients (backward) with atomics
+SS2D_SCAN.register("cuda", lambda: _KernelImpl(_ext.module().ss2d_scan_fwd_cuda, _ext.module().ss2d_scan_bwd_cuda),
+                   deterministic=False)
 SS2D_SCAN.register("triton", _triton_impl)
 
 
@@ -76,12 +78,13 @@ def _ss2d_scan_bwd(
     D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool, backend: str,
 ) -> List[torch.Tensor]:
     grads = SS2D_SCAN.impl(backend).backward(dout, u, delta, A, B, C, D, delta_bias, delta_softplus)
-    return [g if g is not None else u.new_empty(0) for g in grads]
+    # contiguous whatever the inputs' strides, as the fake kernel promises (compiled graphs rely on it)
+    return [g.contiguous() if g is not None else u.new_empty(0) for g in grads]
 
 
 @_ss2d_scan_bwd.register_fake
 def _(dout, u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, delta_bias)]
+    return [t.new_empty(t.shape) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, delta_bias)]
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,629 @@
+// Vector row kernels of the CPU depthwise convolution (contracts in depthwise_conv_cpu.h), written with
+// GCC/Clang vector types and compiled three times — baseline (16-byte vectors), AVX2 + FMA (32 bytes),
+// AVX-512 (64 bytes) — the best one for the CPU being picked at run time. Kernel sizes 3, 5 and 7 are
+// compile-time constants (taps fully unrolled, weights held in registers); other sizes take a generic path.
+// The activations and the LayerNorm loops use the formulas of depthwise_conv_math.h in `omp simd` loops,
+// which call libmvec's vector exp / erf.
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "depthwise_conv_cpu.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    !defined(MEDKERNELS_DW_NO_LIBMVEC)
+// The vector variants exist in libmvec (see selective_scan_cpu.cpp); `const` as under -fno-math-errno.
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch"), const));
+extern "C" double exp(double) noexcept __attribute__((simd("notinbranch"), const));
+#if __GLIBC_PREREQ(2, 35)
+extern "C" float erff(float) noexcept __attribute__((simd("notinbranch"), const));
+extern "C" double erf(double) noexcept __attribute__((simd("notinbranch"), const));
+#endif
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(MEDKERNELS_DW_FORCE_GENERIC)
+#define MK_DW_X86_DISPATCH 1
+#endif
+
+#if defined(__GNUC__)
+#define MK_DW_INLINE inline __attribute__((always_inline))
+#else
+#define MK_DW_INLINE inline
+#endif
+
+namespace medkernels {
+namespace dwcpu {
+namespace {
+
+// A vector of VB bytes of acc_t; VB == sizeof(acc_t) is the plain scalar (the remainder loops).
+template <typename acc_t, int VB, bool kScalar = (VB == sizeof(acc_t))>
+struct VecOf {
+  typedef acc_t type __attribute__((vector_size(VB)));
+};
+template <typename acc_t, int VB>
+struct VecOf<acc_t, VB, true> {
+  typedef acc_t type;
+};
+
+template <typename V, typename S>
+MK_DW_INLINE void vload(V& v, const S* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+template <typename V, typename S>
+MK_DW_INLINE void vstore(S* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V, typename S>
+MK_DW_INLINE void vbroadcast(V& v, S s) {
+  if constexpr (std::is_same_v<V, S>) {
+    v = s;
+  } else {
+    for (int e = 0; e < static_cast<int>(sizeof(V) / sizeof(S)); ++e) v[e] = s;  // one broadcast instruction
+  }
+}
+template <typename S, typename V>
+MK_DW_INLINE S vsum(const V& v) {
+  constexpr int n = sizeof(V) / sizeof(S);
+  S lanes[n];
+  std::memcpy(lanes, &v, sizeof(V));
+  S out = 0;
+  for (int e = 0; e < n; ++e) out += lanes[e];
+  return out;
+}
+
+// Kernel rows whose weights are held in registers at once: all of them when they fit (16 vector registers
+// below AVX-512, 32 with it), else one.
+template <int VB, int K>
+constexpr int rows_per_pass() {
+  return K == 0 ? 1 : (VB >= 64 ? (K <= 5 ? K : 1) : (K <= 3 ? K : 1));
+}
+
+// ---- channels-last rows: vectors over channels, the channel-vector loop outside the pixel loop so that
+// the weights stay in registers while the row is walked.
+
+template <typename acc_t, typename V, int K, int R>
+MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
+  constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
+  const int64_t k = K > 0 ? K : a.k, C = a.C, step = a.s * C, n = a.n;
+  V init;
+  vload(init, a.init + c);
+  acc_t* dst = a.out + c;
+  for (int64_t i0 = 0; i0 < k; i0 += R) {
+    V w[R][KJ];
+    const acc_t* src[R];
+    for (int r = 0; r < R; ++r) {
+      src[r] = a.rows[i0 + r] + c;
+      for (int64_t j = 0; j < k; ++j) vload(w[r][j], a.w + ((i0 + r) * k + j) * C + c);
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      V acc;
+      if (i0 == 0) {
+        acc = init;
+      } else {
+        vload(acc, dst + o * C);
+      }
+      for (int r = 0; r < R; ++r) {
+        const acc_t* x = src[r] + o * step;
+        for (int64_t j = 0; j < k; ++j) {
+          V v;
+          vload(v, x + j * C);
+          acc += w[r][j] * v;
+        }
+      }
+      vstore(dst + o * C, acc);
+    }
+  }
+}
+
+template <typename acc_t, int VB, int K>
+MK_DW_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
+  constexpr int64_t L = VB / sizeof(acc_t);
+  constexpr int R = rows_per_pass<VB, K>();
+  int64_t c = 0;
+  for (; c + L <= a.C; c += L) conv_rows_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, R>(a, c);
+  for (; c < a.C; ++c) conv_rows_lanes<acc_t, acc_t, K, R>(a, c);
+}
+
+template <typename acc_t, typename V, int K, int R>
+MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
+  constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
+  const int64_t k = K > 0 ? K : a.k, C = a.C, step = a.s * C, n = a.n;
+  for (int64_t i0 = 0; i0 < k; i0 += R) {
+    V acc[R][KJ];
+    V accb{};
+    const acc_t* src[R];
+    for (int r = 0; r < R; ++r) {
+      src[r] = a.rows[i0 + r] + c;
+      for (int64_t j = 0; j < k; ++j) acc[r][j] = V{};
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      V g;
+      vload(g, a.gz + o * C + c);
+      if (i0 == 0) accb += g;
+      for (int r = 0; r < R; ++r) {
+        const acc_t* x = src[r] + o * step;
+        for (int64_t j = 0; j < k; ++j) {
+          V v;
+          vload(v, x + j * C);
+          acc[r][j] += g * v;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < k; ++j) {
+        acc_t* out = a.gw + ((i0 + r) * k + j) * C + c;
+        V cur;
+        vload(cur, out);
+        cur += acc[r][j];
+        vstore(out, cur);
+      }
+    }
+    if (i0 == 0) {
+      V cur;
+      vload(cur, a.gb + c);
+      cur += accb;
+      vstore(a.gb + c, cur);
+    }
+  }
+}
+
+template <typename acc_t, int VB, int K>
+MK_DW_INLINE void grads_rows_impl(const GradsRowsArgs<acc_t>& a) {
+  constexpr int64_t L = VB / sizeof(acc_t);
+  constexpr int R = rows_per_pass<VB, K>();
+  int64_t c = 0;
+  for (; c + L <= a.C; c += L) grads_rows_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, R>(a, c);
+  for (; c < a.C; ++c) grads_rows_lanes<acc_t, acc_t, K, R>(a, c);
+}
+
+// ---- plane rows: vectors over output columns, scalar weights broadcast.
+
+// Outputs [o, o + U * lanes) of one plane row; the weights come broadcast, the tap offsets folded into the
+// per-tap source pointers (locals, so that the stores to out do not force reloads).
+template <typename acc_t, typename V, int U>
+MK_DW_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t ntaps, V init, acc_t* out,
+                                   int64_t o) {
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  V acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = init;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const acc_t* x = src[t] + o;
+    for (int u = 0; u < U; ++u) {
+      V v;
+      vload(v, x + u * L);
+      acc[u] += w[t] * v;
+    }
+  }
+  for (int u = 0; u < U; ++u) vstore(out + o + u * L, acc[u]);
+}
+
+template <typename acc_t, typename V, int K>
+MK_DW_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* const* src, int64_t ntaps,
+                                   int64_t o0, int64_t o1) {
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int U = sizeof(V) == sizeof(acc_t) ? 1 : 4;
+  constexpr int64_t NT = K > 0 ? K * K : kMaxKernel * kMaxKernel;
+  V w[NT];
+  for (int64_t t = 0; t < ntaps; ++t) vbroadcast(w[t], a.w[t]);
+  V init;
+  vbroadcast(init, a.init);
+  acc_t* out = a.out;
+  int64_t o = o0;
+  for (; o + U * L <= o1; o += U * L) conv_plane_block<acc_t, V, U>(w, src, K > 0 ? NT : ntaps, init, out, o);
+  for (; o + L <= o1; o += L) conv_plane_block<acc_t, V, 1>(w, src, K > 0 ? NT : ntaps, init, out, o);
+  if constexpr (L > 1) {
+    if (o < o1 && o1 - o0 >= L) {
+      conv_plane_block<acc_t, V, 1>(w, src, K > 0 ? NT : ntaps, init, out, o1 - L);  // overlaps, equal values
+    } else if (o < o1) {
+      conv_plane_lanes<acc_t, acc_t, K>(a, src, ntaps, o, o1);
+    }
+  }
+}
+
+template <typename acc_t, int VB, int K>
+MK_DW_INLINE void conv_plane_impl(const ConvPlaneArgs<acc_t>& a) {
+  const int64_t k = K > 0 ? K : a.k;
+  const acc_t* src[kMaxKernel * kMaxKernel];
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) src[i * k + j] = a.rows[i] + (j % a.s) * a.phase_len + j / a.s;
+  conv_plane_lanes<acc_t, typename VecOf<acc_t, VB>::type, K>(a, src, k * k, 0, a.n);
+}
+
+template <typename acc_t, typename V, int K, int R>
+MK_DW_INLINE void grads_plane_rows(const GradsPlaneArgs<acc_t>& a, const int64_t* tap, int64_t i0, acc_t* gw,
+                                   acc_t& gb) {
+  constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  const int64_t k = K > 0 ? K : a.k, n = a.n;
+  V acc[R][KJ];
+  V accb{};
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < k; ++j) acc[r][j] = V{};
+  int64_t o = 0;
+  for (; o + L <= n; o += L) {
+    V g;
+    vload(g, a.gz + o);
+    accb += g;
+    for (int r = 0; r < R; ++r) {
+      const acc_t* x = a.rows[i0 + r] + o;
+      for (int64_t j = 0; j < k; ++j) {
+        V v;
+        vload(v, x + tap[j]);
+        acc[r][j] += g * v;
+      }
+    }
+  }
+  acc_t accs[R][KJ];
+  acc_t accbs = 0;
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < k; ++j) accs[r][j] = 0;
+  for (; o < n; ++o) {
+    const acc_t g = a.gz[o];
+    accbs += g;
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = 0; j < k; ++j) accs[r][j] += g * a.rows[i0 + r][o + tap[j]];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < k; ++j) gw[(i0 + r) * k + j] += vsum<acc_t>(acc[r][j]) + accs[r][j];
+  gb += vsum<acc_t>(accb) + accbs;
+}
+
+template <typename acc_t, int VB, int K>
+MK_DW_INLINE void grads_plane_impl(const GradsPlaneArgs<acc_t>& a) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int R = rows_per_pass<VB, K>();
+  const int64_t k = K > 0 ? K : a.k;
+  int64_t tap[kMaxKernel];
+  for (int64_t j = 0; j < k; ++j) tap[j] = (j % a.s) * a.phase_len + j / a.s;
+  acc_t gb = 0, unused = 0;
+  for (int64_t i0 = 0; i0 < k; i0 += R) grads_plane_rows<acc_t, V, K, R>(a, tap, i0, a.gw, i0 == 0 ? gb : unused);
+  a.gb[0] += gb;
+}
+
+// ---- activations and LayerNorm (omp simd loops over the formulas of depthwise_conv_math.h)
+
+// e^x for float without a library call, so that the activation loops vectorise into straight-line code:
+// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (about 1 ulp).
+// x is clamped to [-87.33, 88.37] (n in [-126, 127]): below, the result is the smallest normal float
+// instead of a denormal or zero, which the activations cannot tell apart.
+MK_DW_INLINE float fast_expf(float x) {
+  x = x < -87.3365447f ? -87.3365447f : (x > 88.3762626f ? 88.3762626f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| < 2^22
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float er = q * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return er * scale;
+}
+
+// The CPU kernels' elementary functions: fast_expf for float, the C library (vectorised by libmvec) else.
+struct CpuMath {
+  template <typename acc_t>
+  static MK_DW_INLINE acc_t exp(acc_t v) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return fast_expf(v);
+    } else {
+      return dw_exp<acc_t>(v);
+    }
+  }
+  template <typename acc_t>
+  static MK_DW_INLINE acc_t erf(acc_t v) {
+    return dw_erf<acc_t>(v);
+  }
+};
+
+
+template <DwAct A, typename acc_t>
+MK_DW_INLINE void act_forward_impl(const acc_t* z, acc_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) out[e] = dw_activation<A, acc_t, CpuMath>(z[e]);
+}
+
+template <DwAct A, typename acc_t>
+MK_DW_INLINE void act_backward_impl(const acc_t* __restrict__ z, const acc_t* __restrict__ g,
+                                    acc_t* __restrict__ gz, int64_t n) {
+  if constexpr (A == DwAct::kNone) {
+    std::memcpy(gz, g, n * sizeof(acc_t));
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
+  }
+}
+
+// mean and 1 / sqrt(var + eps) of one pixel's C values (two passes over L1-resident data).
+template <typename acc_t>
+MK_DW_INLINE void ln_moments(const acc_t* __restrict__ z, int64_t C, acc_t eps, acc_t& mean, acc_t& rstd) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += z[c];
+  mean = sum / acc_t(C);
+  acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < C; ++c) sq += (z[c] - mean) * (z[c] - mean);
+  rstd = dw_ln_rstd<acc_t>(sq / acc_t(C), eps);
+}
+
+template <typename acc_t>
+MK_DW_INLINE void ln_forward_impl(const LayerNormArgs<acc_t>& a, const acc_t* z, acc_t* out) {
+  const int64_t C = a.C;
+  const acc_t* __restrict__ gamma = a.gamma;
+  const acc_t* __restrict__ beta = a.beta;
+  for (int64_t w = 0; w < a.n; ++w) {
+    const acc_t* v = z + w * C;
+    acc_t* o = out + w * C;
+    acc_t mean, rstd;
+    ln_moments(v, C, a.eps, mean, rstd);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
+  }
+}
+
+template <typename acc_t>
+MK_DW_INLINE void ln_backward_impl(const LayerNormArgs<acc_t>& a, const acc_t* z, const acc_t* gy, acc_t* gz,
+                                   acc_t* dgamma, acc_t* dbeta) {
+  const int64_t C = a.C;
+  const acc_t* __restrict__ gamma = a.gamma;
+  for (int64_t w = 0; w < a.n; ++w) {
+    const acc_t* __restrict__ v = z + w * C;
+    const acc_t* __restrict__ gyw = gy + w * C;
+    acc_t* __restrict__ out = gz + w * C;
+    acc_t mean, rstd;
+    ln_moments(v, C, a.eps, mean, rstd);
+    acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t g = gyw[c] * gamma[c];
+      sum_g += g;
+      sum_gx += g * (v[c] - mean) * rstd;
+    }
+    const acc_t mean_g = sum_g / acc_t(C), mean_gx = sum_gx / acc_t(C);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = dw_ln_input_grad<acc_t>(gyw[c] * gamma[c], (v[c] - mean) * rstd, rstd, mean_g, mean_gx);
+    }
+    if (dgamma != nullptr) {
+      acc_t* __restrict__ dg = dgamma;
+      acc_t* __restrict__ db = dbeta;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        dg[c] += gyw[c] * (v[c] - mean) * rstd;
+        db[c] += gyw[c];
+      }
+    }
+  }
+}
+
+// dst[r * ds + c] = src[r * ss + c], r < rows, c < cols: vector loads and stores (glibc's memcpy switches to
+// `rep movsb` above a few KB, which is several times slower on some x86 CPUs and VMs).
+template <typename acc_t, int VB>
+MK_DW_INLINE void copy2d_impl(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows, int64_t cols) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int64_t L = VB / sizeof(acc_t);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* in = src + r * ss;
+    acc_t* out = dst + r * ds;
+    int64_t e = 0;
+    for (; e + 4 * L <= cols; e += 4 * L) {
+      V v0, v1, v2, v3;
+      vload(v0, in + e);
+      vload(v1, in + e + L);
+      vload(v2, in + e + 2 * L);
+      vload(v3, in + e + 3 * L);
+      vstore(out + e, v0);
+      vstore(out + e + L, v1);
+      vstore(out + e + 2 * L, v2);
+      vstore(out + e + 3 * L, v3);
+    }
+    for (; e + L <= cols; e += L) {
+      V v;
+      vload(v, in + e);
+      vstore(out + e, v);
+    }
+    for (; e < cols; ++e) out[e] = in[e];
+  }
+}
+
+// ---- in-register transposes of L x L blocks: log2(L) butterfly stages, stage h swapping the off-diagonal
+// h x h blocks of each pair of rows (i, i + h). The shuffle masks are compile-time constants.
+
+template <typename acc_t>
+struct LaneIndex;
+template <>
+struct LaneIndex<float> {
+  typedef int32_t type;
+};
+template <>
+struct LaneIndex<double> {
+  typedef int64_t type;
+};
+
+// The masks of stage h for a pair (a, b): lanes of the first row, then of the second (indices >= L pick b).
+template <typename M, int L, int h, bool kFirst, typename Seq>
+struct StageMask;
+template <typename M, int L, int h, bool kFirst, int... E>
+struct StageMask<M, L, h, kFirst, std::integer_sequence<int, E...>> {
+  static constexpr M value = M{(kFirst ? ((E & h) ? L + E - h : E) : ((E & h) ? L + E : E + h))...};
+};
+
+template <typename acc_t, typename V, int L, int h>
+MK_DW_INLINE void transpose_stages(V* r) {
+  if constexpr (h >= 1) {
+    using M = typename VecOf<typename LaneIndex<acc_t>::type, sizeof(V)>::type;
+    using Seq = std::make_integer_sequence<int, L>;
+    for (int i = 0; i < L; ++i) {
+      if (i & h) continue;
+      const V a = r[i], b = r[i + h];
+      r[i] = __builtin_shuffle(a, b, StageMask<M, L, h, true, Seq>::value);
+      r[i + h] = __builtin_shuffle(a, b, StageMask<M, L, h, false, Seq>::value);
+    }
+    transpose_stages<acc_t, V, L, h / 2>(r);
+  }
+}
+
+template <typename acc_t, typename V, int L>
+MK_DW_INLINE void transpose_block(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds) {
+  V blk[L];
+  for (int i = 0; i < L; ++i) vload(blk[i], src + i * ss);
+  transpose_stages<acc_t, V, L, L / 2>(blk);
+  for (int i = 0; i < L; ++i) vstore(dst + i * ds, blk[i]);
+}
+
+// dst[c * ds + r] = src[r * ss + c], r < rows, c < cols: L x L blocks in registers, the last block of a row
+// or column of blocks shifted back to overlap the previous one (it rewrites equal values); sizes below L go
+// to half-width blocks, down to 16-byte vectors, then element by element. The baseline ISA (SSE2, whose
+// two-source shuffles are slow) goes element by element.
+template <typename acc_t, int VB, bool kVex = (VB >= 32)>
+MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows, int64_t cols) {
+  constexpr int L = VB / sizeof(acc_t);
+  if constexpr (kVex && L >= 2) {
+    if (rows >= L && cols >= L) {
+      using V = typename VecOf<acc_t, VB>::type;
+      for (int64_t r0 = 0; r0 < rows; r0 += L) {
+        const int64_t r = std::min<int64_t>(r0, rows - L);
+        for (int64_t c0 = 0; c0 < cols; c0 += L) {
+          const int64_t c = std::min<int64_t>(c0, cols - L);
+          transpose_block<acc_t, V, L>(src + r * ss + c, ss, dst + c * ds + r, ds);
+        }
+      }
+      return;
+    }
+    if constexpr (VB > 16) {
+      transpose_impl<acc_t, VB / 2, true>(src, ss, dst, ds, rows, cols);
+      return;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ds + r] = src[r * ss + c];
+}
+
+// ---- the ISA variants: each wraps the inline kernels in functions compiled for one target.
+
+#define MK_DW_DEFINE_ISA(NAME, ATTR, VB)                                                                   \
+  struct NAME {                                                                                            \
+    template <typename acc_t, int K>                                                                       \
+    ATTR static void conv_rows(const ConvRowsArgs<acc_t>& a) {                                             \
+      conv_rows_impl<acc_t, VB, K>(a);                                                                     \
+    }                                                                                                      \
+    template <typename acc_t, int K>                                                                       \
+    ATTR static void grads_rows(const GradsRowsArgs<acc_t>& a) {                                           \
+      grads_rows_impl<acc_t, VB, K>(a);                                                                    \
+    }                                                                                                      \
+    template <typename acc_t, int K>                                                                       \
+    ATTR static void conv_plane(const ConvPlaneArgs<acc_t>& a) {                                           \
+      conv_plane_impl<acc_t, VB, K>(a);                                                                    \
+    }                                                                                                      \
+    template <typename acc_t, int K>                                                                       \
+    ATTR static void grads_plane(const GradsPlaneArgs<acc_t>& a) {                                         \
+      grads_plane_impl<acc_t, VB, K>(a);                                                                   \
+    }                                                                                                      \
+    template <DwAct A, typename acc_t>                                                                     \
+    ATTR static void act_forward(const acc_t* z, acc_t* out, int64_t n) {                                  \
+      act_forward_impl<A, acc_t>(z, out, n);                                                               \
+    }                                                                                                      \
+    template <DwAct A, typename acc_t>                                                                     \
+    ATTR static void act_backward(const acc_t* z, const acc_t* g, acc_t* gz, int64_t n) {                  \
+      act_backward_impl<A, acc_t>(z, g, gz, n);                                                            \
+    }                                                                                                      \
+    template <typename acc_t>                                                                              \
+    ATTR static void ln_forward(const LayerNormArgs<acc_t>& a, const acc_t* z, acc_t* out) {               \
+      ln_forward_impl<acc_t>(a, z, out);                                                                   \
+    }                                                                                                      \
+    template <typename acc_t>                                                                              \
+    ATTR static void copy2d(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows, int64_t cols) { \
+      copy2d_impl<acc_t, VB>(src, ss, dst, ds, rows, cols);                                                \
+    }                                                                                                      \
+    template <typename acc_t>                                                                              \
+    ATTR static void transpose(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows,         \
+                               int64_t cols) {                                                             \
+      transpose_impl<acc_t, VB>(src, ss, dst, ds, rows, cols);                                             \
+    }                                                                                                      \
+    template <typename acc_t>                                                                              \
+    ATTR static void ln_backward(const LayerNormArgs<acc_t>& a, const acc_t* z, const acc_t* gy, acc_t* gz, \
+                                 acc_t* dgamma, acc_t* dbeta) {                                            \
+      ln_backward_impl<acc_t>(a, z, gy, gz, dgamma, dbeta);                                                \
+    }                                                                                                      \
+  };
+
+MK_DW_DEFINE_ISA(IsaBaseline, , 16)
+#ifdef MK_DW_X86_DISPATCH
+MK_DW_DEFINE_ISA(IsaAvx2, __attribute__((target("avx2,fma"))), 32)
+MK_DW_DEFINE_ISA(IsaAvx512, __attribute__((target("avx512f,avx2,fma"))), 64)
+#endif
+
+template <typename Isa, typename acc_t, int K>
+void set_size_kernels(RowKernels<acc_t>& r) {
+  r.conv_rows = &Isa::template conv_rows<acc_t, K>;
+  r.grads_rows = &Isa::template grads_rows<acc_t, K>;
+  r.conv_plane = &Isa::template conv_plane<acc_t, K>;
+  r.grads_plane = &Isa::template grads_plane<acc_t, K>;
+}
+
+template <typename Isa, typename acc_t, DwAct A>
+void set_act_kernels(RowKernels<acc_t>& r) {
+  r.act_forward = &Isa::template act_forward<A, acc_t>;
+  r.act_backward = &Isa::template act_backward<A, acc_t>;
+}
+
+template <typename Isa, typename acc_t>
+RowKernels<acc_t> kernels_for(int64_t k, DwAct act) {
+  RowKernels<acc_t> r{};
+  switch (k) {
+    case 3:
+      set_size_kernels<Isa, acc_t, 3>(r);
+      break;
+    case 5:
+      set_size_kernels<Isa, acc_t, 5>(r);
+      break;
+    case 7:
+      set_size_kernels<Isa, acc_t, 7>(r);
+      break;
+    default:
+      set_size_kernels<Isa, acc_t, 0>(r);
+  }
+  switch (act) {
+    case DwAct::kSilu:
+      set_act_kernels<Isa, acc_t, DwAct::kSilu>(r);
+      break;
+    case DwAct::kGelu:
+      set_act_kernels<Isa, acc_t, DwAct::kGelu>(r);
+      break;
+    case DwAct::kRelu:
+      set_act_kernels<Isa, acc_t, DwAct::kRelu>(r);
+      break;
+    default:
+      set_act_kernels<Isa, acc_t, DwAct::kNone>(r);
+  }
+  r.ln_forward = &Isa::template ln_forward<acc_t>;
+  r.copy2d = &Isa::template copy2d<acc_t>;
+  r.transpose = &Isa::template transpose<acc_t>;
+  r.ln_backward = &Isa::template ln_backward<acc_t>;
+  return r;
+}
+
+}  // namespace
+
+template <typename acc_t>
+RowKernels<acc_t> row_kernels(int64_t k, DwAct act) {
+#ifdef MK_DW_X86_DISPATCH
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512) return kernels_for<IsaAvx512, acc_t>(k, act);
+  if (avx2) return kernels_for<IsaAvx2, acc_t>(k, act);
+#endif
+  return kernels_for<IsaBaseline, acc_t>(k, act);
+}
+
+template RowKernels<float> row_kernels<float>(int64_t, DwAct);
+template RowKernels<double> row_kernels<double>(int64_t, DwAct);
+
+}  // namespace dwcpu
+}  // namespace medkernels

@@ -1,0 +1,242 @@
+"""Whole-network benchmarks: HiFuse-T and MedMamba-T inference throughput and one training step.
+
+Providers, side by side: ``medkernels`` (the ``auto`` backend, what a user gets), ``ref`` (the same model on
+the pure-PyTorch ``ref`` backend), ``ref-compiled`` (``torch.compile`` of the model on ``ref``; the medkernels
+ops stay opaque custom ops inside the compiled graph, compile time is the row's ``first_call_s``), and for
+MedMamba-T ``mambapy`` (CPU: the official SS2D formulation around mambapy's parallel scan) and ``official``
+(GPU: the official SS2D formulation around mamba_ssm's ``selective_scan_fn``, when installed).
+A training step is forward, cross-entropy, backward and an AdamW step.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from .bench_op import _short, max_abs_diff
+from .bench_scan import MEDMAMBA_T_STAGES, N, _importable, ref_backward_skip_reason
+from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, timed_first_call
+
+NUM_CLASSES = 7
+INFERENCE, TRAIN = "inference", "train step"
+
+# (device type, quick) -> sizes and batches. Quick on CPU trains at a small batch to fit a few minutes.
+CONFIG = {
+    ("cpu", True): {"size": 224, "infer_batches": (1, 4), "train_batch": 2, "compile": False,
+                    "mambapy_inference": False},
+    ("cpu", False): {"size": 224, "infer_batches": (1, 8), "train_batch": 8, "compile": True},
+    ("cuda", True): {"size": 224, "infer_batches": (1, 32), "train_batch": 32, "compile": True},
+    ("cuda", False): {"size": 224, "infer_batches": (1, 64), "train_batch": 64, "compile": True},
+}
+QUICK_CPU_COMPILE_NOTE = ("skipped: --quick on CPU (compiling each network takes minutes on a small CPU; "
+                          "run --full)")
+
+
+def config(device, quick):
+    return dict(CONFIG[(torch.device(device).type if torch.device(device).type == "cuda" else "cpu", bool(quick))])
+
+
+def build_model(name, device):
+    """The network with deterministic weights; drop-path is off so every provider computes the same step."""
+    from . import models
+
+    torch.manual_seed(0)
+    kwargs = {"drop_path_rate": 0.0} if name.startswith("medmamba") else {}
+    return getattr(models, name)(num_classes=NUM_CLASSES, **kwargs).to(device)
+
+
+def batch_inputs(batch, size, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _official_forward_core(scan):
+    """SS2D.forward_core as the official MedMamba computes it: materialise the four scan orders, project
+    each, scan them with `scan`, and merge the four outputs back to row-major order in PyTorch."""
+    from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref
+
+    def forward_core(self, x):
+        b, d, h, w = x.shape
+        k, length = self.K, h * w
+        xs = cross_scan_ref(x)  # (b, 4, d, L), each direction in its scan order
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        y = scan(xs.float().reshape(b, k * d, length), dts.float().reshape(b, k * d, length),
+                 -torch.exp(self.A_logs.float()), bs.float(), cs.float(), self.Ds.float(),
+                 self.dt_projs_bias.float().reshape(-1))
+        return cross_merge_ref(y.reshape(b, k, d, h, w))
+
+    return forward_core
+
+
+class _Provider:
+    """How one provider runs a model: the backend and, for the official formulations, SS2D's scan core."""
+
+    def __init__(self, name, backend, scan=None, compiled=False):
+        self.name, self.backend, self.scan, self.compiled = name, backend, scan, compiled
+
+    def __enter__(self):
+        from .nn.ss2d import SS2D
+
+        self._ctx = _backend.use_backend(self.backend)
+        self._ctx.__enter__()
+        self._saved = SS2D.forward_core
+        if self.scan is not None:
+            SS2D.forward_core = _official_forward_core(self.scan)
+        return self
+
+    def __exit__(self, *exc):
+        from .nn.ss2d import SS2D
+
+        SS2D.forward_core = self._saved
+        return self._ctx.__exit__(*exc)
+
+
+def providers_for(name, device):
+    """[(provider name, _Provider or reason it is skipped)]."""
+    from .bench_scan import mamba_ssm_scan, mambapy_scan
+
+    device = torch.device(device)
+    out = [("medkernels", _Provider("medkernels", "auto")), ("ref", _Provider("ref", "ref")),
+           ("ref-compiled", _Provider("ref-compiled", "ref", compiled=True))]
+    if name.startswith("medmamba"):
+        if device.type == "cpu":
+            out.append(("mambapy", _Provider("mambapy", "ref", scan=mambapy_scan) if _importable("mambapy.pscan")
+                        else "skipped: mambapy is not installed (pip install -r requirements-bench.txt)"))
+        else:
+            ok = _importable("mamba_ssm.ops.selective_scan_interface")
+            out.append(("official", _Provider("official", "ref", scan=mamba_ssm_scan) if ok
+                        else "skipped: mamba_ssm is not installed"))
+    return out
+
+
+def _train_step(model, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    optimizer.step()
+    return logits, grads
+
+
+def _medmamba_ref_backward_reason(name, device, batch, size):
+    """The ref backend's scan backward is quadratic in L (see bench_scan); at stage 1 it is by far the largest."""
+    if not name.startswith("medmamba"):
+        return None
+    stage, d_inner, side = MEDMAMBA_T_STAGES[0]
+    side = side * size // 224
+    return ref_backward_skip_reason(torch.device(device), batch, 4 * d_inner, side * side, N)
+
+
+def _make_call(model, provider, pass_name, batch, size, device):
+    """The measured call of one provider on its own copy of the model (training steps change the weights)."""
+    model = copy.deepcopy(model)
+    model.train(pass_name == TRAIN)
+    run = torch.compile(model, dynamic=False) if provider.compiled else model
+    x, y = batch_inputs(batch, size, device)
+    if pass_name == INFERENCE:
+        def call():
+            with provider, torch.no_grad():
+                return run(x), []
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def call():
+            with provider:
+                return _train_step(run, optimizer, x, y)
+    return call
+
+
+def model_memory_step(name, provider, pass_name, batch, size):
+    """The child side of a CPU peak-memory measurement (see bench_timing.child_peak_mb)."""
+    device = torch.device("cpu")
+    prov = dict(providers_for(name, device))[provider]
+    call = _make_call(build_model(name, device), prov, pass_name, batch, size, device)
+    return call
+
+
+def _memory(name, provider, pass_name, batch, size, device, call):
+    if device.type == "cuda":
+        return cuda_peak_mb(call, device)
+    if provider.compiled:
+        return None  # the child would have to compile the network again
+    return child_peak_mb("medkernels.bench_models:model_memory_step",
+                         {"name": name, "provider": provider.name, "pass_name": pass_name, "batch": batch,
+                          "size": size})
+
+
+def _row(name, pass_name, provider, batch, size, status="ok", note=None):
+    return {"model": name, "op": name, "pass": pass_name, "provider": provider, "batch": batch, "size": size,
+            "shape": {"batch": batch, "size": size}, "label": f"batch {batch} {size}x{size}", "status": status,
+            "note": note, "median_s": None, "min_s": None, "max_s": None, "repeats": 0}
+
+
+def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, build=None):
+    """Rows of every provider for each inference batch and the training step. `cfg` and `build` (a function
+    of the device returning the network) replace the mode's sizes and the real network, for tests."""
+    device = torch.device(device)
+    cfg = cfg or config(device, quick)
+    model = build(device) if build else build_model(name, device)
+    plans = [(INFERENCE, b) for b in cfg["infer_batches"]] + [(TRAIN, cfg["train_batch"])]
+    rows = []
+    for pass_name, batch in plans:
+        group, outputs = [], {}
+        for pname, provider in providers_for(name, device):
+            row = _row(name, pass_name, pname, batch, cfg["size"])
+            group.append(row)
+            reason = provider if isinstance(provider, str) else None
+            if reason is None and provider.compiled and not cfg["compile"]:
+                reason = QUICK_CPU_COMPILE_NOTE
+            if reason is None and pname == "mambapy" and pass_name == INFERENCE and not cfg.get("mambapy_inference", True):
+                reason = "skipped: --quick on CPU (mambapy is the training baseline here; --full times it too)"
+            if reason is None and provider.backend == "ref" and provider.scan is None and pass_name == TRAIN:
+                reason = _medmamba_ref_backward_reason(name, device, batch, cfg["size"])
+            if reason:
+                row.update(status="skipped", note=reason)
+                continue
+            try:
+                call = _make_call(model, provider, pass_name, batch, cfg["size"], device)
+                first = {}
+                row["first_call_s"] = timed_first_call(lambda: first.setdefault("out", call()), device)
+                outputs[pname] = first["out"]
+                budget = QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None
+                reps = repeats_within(row["first_call_s"], repeats, budget)
+                row.update(time_call(call, device, max(0, warmup - 1), reps))
+                unit = batch / row["median_s"]
+                row["images_per_s"] = unit
+                if pass_name == TRAIN:
+                    row["steps_per_s"] = 1.0 / row["median_s"]
+                # on CPU each figure is a fresh process, so quick mode measures the training step only
+                if cfg.get("memory", True) and (pass_name == TRAIN or not quick or device.type == "cuda"):
+                    mb = _memory(name, provider, pass_name, batch, cfg["size"], device, call)
+                    if mb is not None:
+                        row["peak_mem_mb"] = mb
+            except Exception as exc:  # a provider that breaks is a row, never the end of the run
+                row.update(status="failed", note=_short(exc), median_s=None, min_s=None, max_s=None, repeats=0)
+        _compare(group, outputs)
+        rows += group
+    return rows
+
+
+def _compare(group, outputs):
+    """Speed-up over ``ref`` (else ``mambapy``/``official``) and the error of logits and gradients against it."""
+    ran = [r for r in group if r["status"] == "ok"]
+    base = next((r for b in ("ref", "mambapy", "official") for r in ran if r["provider"] == b), None)
+    for r in ran:
+        r["baseline"] = base["provider"] if base else None
+        r["speedup"] = base["median_s"] / r["median_s"] if base else None
+        if base:
+            logits, grads = outputs[r["provider"]]
+            ref_logits, ref_grads = outputs[base["provider"]]
+            r["max_abs_err_vs_" + base["provider"]] = max_abs_diff([logits] + grads, [ref_logits] + ref_grads)
+
+
+def bench_hifuse_tiny(device, time_call, warmup, repeats, quick=True):
+    return bench_model("hifuse_tiny", device, time_call, warmup, repeats, quick)
+
+
+def bench_medmamba_t(device, time_call, warmup, repeats, quick=True):
+    return bench_model("medmamba_t", device, time_call, warmup, repeats, quick)

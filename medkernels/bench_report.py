@@ -1,0 +1,228 @@
+"""What a benchmark run leaves behind: the environment record, the JSON (and its schema check), the stdout
+tables and the README blocks written from a JSON."""
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+
+import torch
+
+SCHEMA = "medkernels-bench/1"
+ROW_KEYS = {"op": str, "pass": str, "provider": str, "shape": dict, "label": str, "status": str,
+            "median_s": (float, type(None)), "min_s": (float, type(None)), "max_s": (float, type(None)),
+            "repeats": int}
+STATUSES = ("ok", "skipped", "failed")
+TOP_KEYS = {"schema": str, "mode": str, "device": dict, "environment": dict, "settings": dict, "started": str,
+            "duration_s": float, "op_rows": list, "model_rows": list, "unavailable": list}
+ERR_PREFIX = "max_abs_err_vs_"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        slug = slugify(name)
+    else:
+        name = cpu_name()
+        slug = f"cpu-{slugify(name)}-{torch.get_num_threads()}t"
+    return {"type": device.type, "name": name, "slug": slug, "threads": torch.get_num_threads()}
+
+
+def slugify(name):
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|\b\d+-core\b|@.*$", " ", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() + ("-dirty" if dirty else "") if res.returncode == 0 else "unknown"
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def environment(device):
+    from .info import info
+
+    env = info()
+    env.update({"cpu": cpu_name(), "machine": platform.machine(), "os": platform.platform(),
+                "threads": torch.get_num_threads(), "git_commit": git_commit(),
+                "mambapy": _version("mambapy"), "mamba_ssm": _version("mamba_ssm")})
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def normalize_row(row):
+    """Fill the keys every row must have, for rows from op modules that leave some out."""
+    row.setdefault("note", None)
+    row.setdefault("status", "ok" if row.get("median_s") is not None else "failed")
+    row.setdefault("shape", {})
+    row.setdefault("label", " ".join(f"{k}={v}" for k, v in row["shape"].items()))
+    for key in ("median_s", "min_s", "max_s"):
+        row[key] = None if row.get(key) is None else float(row[key])
+    row["repeats"] = int(row.get("repeats") or 0)
+    return row
+
+
+def check_schema(data):
+    """Problems with a run's JSON, as a list of sentences (empty when it is well formed)."""
+    problems = []
+    for key, kind in TOP_KEYS.items():
+        if not isinstance(data.get(key), kind):
+            problems.append(f"top-level {key!r} missing or not {kind}")
+    if data.get("schema") != SCHEMA:
+        problems.append(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    for where in ("op_rows", "model_rows"):
+        for i, row in enumerate(data.get(where) or []):
+            for key, kind in ROW_KEYS.items():
+                if not isinstance(row.get(key), kind):
+                    problems.append(f"{where}[{i}] {key!r} missing or not {kind}")
+            if row.get("status") not in STATUSES:
+                problems.append(f"{where}[{i}] status {row.get('status')!r} not in {STATUSES}")
+            elif row["status"] == "ok":
+                if not all(isinstance(row.get(k), float) for k in ("median_s", "min_s", "max_s")):
+                    problems.append(f"{where}[{i}] ran but has no times")
+                elif not row["min_s"] <= row["median_s"] <= row["max_s"]:
+                    problems.append(f"{where}[{i}] median outside its spread")
+            elif not row.get("note"):
+                problems.append(f"{where}[{i}] is {row['status']} without a note saying why")
+    return problems
+
+
+def error_of(row):
+    """(value, what it was compared with) of a row's error column, or (None, None)."""
+    for key, value in row.items():
+        if key.startswith(ERR_PREFIX) and value is not None:
+            return value, key[len(ERR_PREFIX):]
+    return None, None
+
+
+def _ms(v, scale=None):
+    """Milliseconds with the decimals that suit `scale` (default: the value itself)."""
+    if v is None:
+        return "-"
+    ms, ref = 1e3 * v, 1e3 * (v if scale is None else scale)
+    return f"{ms:.3f}" if ref < 1 else f"{ms:.1f}" if ref < 1e4 else f"{ms:.0f}"
+
+
+def _cells(row, model):
+    ok = row["status"] == "ok"
+    err, vs = error_of(row)
+    speed = f"{row['speedup']:.2f}x vs {row['baseline']}" if ok and row.get("speedup") is not None else "-"
+    note = row.get("note") or ""
+    if ok and row.get("first_call_s") is not None and row["provider"].endswith("-compiled"):
+        note = (note + "; " if note else "") + f"compile+first call {row['first_call_s']:.1f} s"
+    cells = [row["op"], row["pass"], row.get("label", ""), row["provider"]]
+    if ok:
+        cells += [_ms(row["median_s"]), f"{_ms(row['min_s'], row['max_s'])}-{_ms(row['max_s'])}"]
+    else:
+        cells += [row["status"], ""]
+    if model:
+        cells.append(f"{row['images_per_s']:.2f}" if ok and row.get("images_per_s") else "-")
+    cells += [speed, f"{row['peak_mem_mb']:.0f}" if row.get("peak_mem_mb") is not None else "-",
+              f"{err:.1e}" if err is not None else "-", note]
+    return cells
+
+
+def format_table(rows, model=False, markdown=False):
+    """One line per row, aligned (or a Markdown table), skipped and failed rows with their reason."""
+    head = ["model" if model else "op", "pass", "shape", "provider", "median ms", "spread ms"]
+    head += (["img/s"] if model else []) + ["speed-up", "peak MB", "max|err|", "note"]
+    body = [_cells(r, model) for r in rows]
+    if markdown:
+        md = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+        return "\n".join([md(head), "|" + "---|" * len(head)] + [md(c) for c in body])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    numeric = {"median ms", "spread ms", "img/s", "peak MB", "max|err|", "speed-up"}
+
+    def line(cells):
+        out = [str(c).rjust(w) if h in numeric else str(c).ljust(w) for c, w, h in zip(cells, widths, head)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(head), "-" * len(line(head))] + [line(c) for c in body])
+
+
+def format_run(data, markdown=False):
+    parts = []
+    if data["op_rows"]:
+        parts.append(format_table(data["op_rows"], markdown=markdown))
+    if data["model_rows"]:
+        parts.append(format_table(data["model_rows"], model=True, markdown=markdown))
+    for item in data["unavailable"]:
+        parts.append(f"not run: {item['kind']} `{item['name']}`: {item['reason']}" if markdown else
+                     f"not run: {item['kind']} {item['name']}: {item['reason']}")
+    return "\n\n".join(parts)
+
+
+def write_json(data, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_json(path):
+    with open(path) as f:
+        data = json.load(f)
+    problems = check_schema(data)
+    if problems:
+        raise ValueError(f"{path} is not a medkernels benchmark JSON ({SCHEMA}): " + "; ".join(problems[:5]))
+    return data
+
+
+def readme_block(data, source=None):
+    """The text between a device's README markers, written from a run's JSON."""
+    dev, env = data["device"], data["environment"]
+    commit = str(env.get("git_commit", "unknown"))
+    commit = commit[:12] + (" with local changes" if commit.endswith("-dirty") else "")
+    load = (env.get("load_average") or {}).get("start")
+    busy = f", load average {load[0]:g} at the start" if load else ""
+    head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads{busy}), torch {env.get('torch')}, "
+            f"commit {commit}, `python -m medkernels.bench --{data['mode']}`"
+            + (f"; figures in `{source}`" if source else "") + ":")
+    notes = "".join(f"\n- {n}" for n in data["settings"].get("notes", []))
+    return f"{head}\n{notes}\n\n{format_run(data, markdown=True)}"
+
+
+def update_readme(path, data, source=None):
+    """Replace what lies between ``<!-- bench:<type> -->`` and ``<!-- /bench:<type> -->``, nothing else."""
+    kind = data["device"]["type"]
+    begin, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
+    with open(path) as f:
+        text = f.read()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path} needs exactly one {begin} ... {end} pair")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{readme_block(data, source)}\n{end}{tail}")

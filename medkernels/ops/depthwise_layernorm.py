@@ -1,0 +1,115 @@
+"""medkernels.ops.depthwise_conv2d_layernorm: the depthwise convolution followed by a LayerNorm over channels,
+written channels-last (HiFuse's Local block: dwconv -> permute -> LayerNorm, in one pass)."""
+from typing import List, Optional
+
+import torch
+
+from .._backend import OpTable, resolve
+from ._common import check_same_device, check_tensor, vjp
+from .depthwise_conv import _contiguous, kernel_function, validate_conv
+from .depthwise_conv_ref import depthwise_conv2d_layernorm_ref
+
+
+class _RefImpl:
+    forward = staticmethod(depthwise_conv2d_layernorm_ref)
+
+    @staticmethod
+    def backward(grad, x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+        args = (x, weight, bias, ln_weight, ln_bias, stride, padding, eps)
+        return vjp(depthwise_conv2d_layernorm_ref, args, grad)[:5]
+
+
+class _KernelImpl:
+    """Adapts a backend's depthwise_conv2d_layernorm_fwd/bwd (contract in csrc/ops.h): x and grad in any
+    strides, the parameter vectors contiguous."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd, self.bwd = fwd, bwd
+
+    def forward(self, x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+        return self.fwd(x, weight.contiguous(), _contiguous(bias), _contiguous(ln_weight), _contiguous(ln_bias),
+                        stride, padding, eps)
+
+    def backward(self, grad, x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
+        return list(self.bwd(grad, x, weight.contiguous(), _contiguous(bias), _contiguous(ln_weight),
+                             _contiguous(ln_bias), stride, padding, eps))
+
+
+DEPTHWISE_CONV2D_LAYERNORM = OpTable("depthwise_conv2d_layernorm", ref=_RefImpl)
+for _name in ("cpu", "cuda", "triton"):
+    DEPTHWISE_CONV2D_LAYERNORM.register(
+        _name, lambda b=_name: _KernelImpl(kernel_function(b, "depthwise_conv2d_layernorm_fwd"),
+                                           kernel_function(b, "depthwise_conv2d_layernorm_bwd")))
+
+
+@torch.library.custom_op("medkernels::depthwise_conv2d_layernorm_fwd", mutates_args=())
+def _dwln_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor], stride: int, padding: int, eps: float, backend: str,
+) -> torch.Tensor:
+    return DEPTHWISE_CONV2D_LAYERNORM.impl(backend).forward(x, weight, bias, ln_weight, ln_bias, stride, padding, eps)
+
+
+@_dwln_fwd.register_fake
+def _(x, weight, bias, ln_weight, ln_bias, stride, padding, eps, backend):
+    b, c, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    return x.new_empty((b, ho, wo, c))
+
+
+@torch.library.custom_op("medkernels::depthwise_conv2d_layernorm_bwd", mutates_args=())
+def _dwln_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], stride: int, padding: int, eps: float,
+    backend: str,
+) -> List[torch.Tensor]:
+    grads = DEPTHWISE_CONV2D_LAYERNORM.impl(backend).backward(grad, x, weight, bias, ln_weight, ln_bias, stride,
+                                                              padding, eps)
+    # absent optional inputs get an empty placeholder: custom ops cannot return None
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_dwln_bwd.register_fake
+def _(grad, x, weight, bias, ln_weight, ln_bias, stride, padding, eps, backend):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias, ln_weight, ln_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ln_weight, ln_bias, stride, padding, eps, backend = inputs
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias)
+    ctx.args = (stride, padding, eps, backend)
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    grads = _dwln_bwd(grad, *saved, *ctx.args)
+    return tuple(g if t is not None else None for g, t in zip(grads, saved)) + (None,) * 4
+
+
+_dwln_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def depthwise_conv2d_layernorm(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=1e-5, stride=1, padding=None):
+    """``F.layer_norm(F.conv2d(x, weight, bias, stride, padding, groups=C).permute(0, 2, 3, 1), (C,), ln_weight,
+    ln_bias, eps)`` in one pass.
+
+    x: ``(B, C, H, W)`` in any strides (NCHW or channels_last, read in place); weight ``(C, 1, k, k)``;
+    bias, ln_weight, ln_bias ``(C,)`` or None; eps a float >= 0; stride and padding as in
+    :func:`depthwise_conv2d`. Returns ``(B, Ho, Wo, C)`` contiguous (channels-last rows, as a following
+    ``nn.Linear`` over channels reads them). The normalisation is over the channels of each pixel, biased
+    variance, eps inside the square root. Differentiable in every tensor argument.
+    """
+    padding = validate_conv(x, weight, bias, stride, padding)
+    channels = x.shape[1]
+    for name, v in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(v, name, ndim=1, optional=True)
+        if v is not None and v.shape[0] != channels:
+            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(v.shape)}")
+        if v is not None and v.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {v.dtype}")
+    check_same_device(x=x, ln_weight=ln_weight, ln_bias=ln_bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    backend = resolve(DEPTHWISE_CONV2D_LAYERNORM, x.device)
+    return _dwln_fwd(x, weight, bias, ln_weight, ln_bias, stride, padding, float(eps), backend)

@@ -1,0 +1,208 @@
+"""depthwise_conv2d_layernorm (HiFuse's Local block: depthwise conv -> channels-last LayerNorm) on every backend
+against an independent float64 statement, outputs and every gradient; the modules that use the fused paths
+(LocalBlock, SS2D's convolution) against their unfused compositions; argument checks; opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medkernels
+from medkernels.nn import LocalBlock
+from medkernels.nn.depthwise import DepthwiseConv2d
+from medkernels.ops import depthwise_conv2d_layernorm
+
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+CASES = [  # (B, C, H, W, k, stride)
+    pytest.param((2, 5, 13, 11, 3, 1), id="13x11-k3-s1"),
+    pytest.param((1, 37, 6, 7, 5, 2), id="6x7-k5-s2-c37"),
+    pytest.param((2, 16, 5, 9, 7, 1), id="5x9-k7-s1-c16"),
+]
+AFFINE = {"all": (True, True, True), "no-conv-bias": (False, True, True), "no-ln-affine": (True, False, False)}
+KERNEL_BACKENDS = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=NO_GPU),
+    pytest.param(("cuda", "triton"), id="cuda-triton", marks=NO_GPU),
+]
+
+
+def layernorm_f64(x, weight, bias, ln_weight, ln_bias, stride, eps):
+    """The op stated independently in float64: conv, then (z - mean) / sqrt(biased var + eps) per pixel."""
+    z = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride,
+                 weight.shape[-1] // 2, groups=x.shape[1]).permute(0, 2, 3, 1)
+    mean = z.mean(-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(-1, keepdim=True)
+    y = (z - mean) / torch.sqrt(var + eps)
+    if ln_weight is not None:
+        y = y * ln_weight.double()
+    if ln_bias is not None:
+        y = y + ln_bias.double()
+    return y
+
+
+def make_inputs(case, layout, affine, dtype, device, seed=0):
+    B, C, H, W, k, _ = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=device).copy_(x)
+    has_bias, has_lnw, has_lnb = affine
+    vec = lambda on: torch.randn(C, generator=g, dtype=torch.float64).to(device, dtype) if on else None  # noqa: E731
+    w = torch.randn(C, 1, k, k, generator=g, dtype=torch.float64).to(device, dtype)
+    return [x, w, vec(has_bias), vec(has_lnw), vec(has_lnb)]
+
+
+def check(device, backend, case, layout, affine, dtype=torch.float64, tol=(1e-10, 1e-10), eps=1e-6):
+    stride = case[-1]
+    tensors = [t.requires_grad_(True) if t is not None else None for t in make_inputs(case, layout, affine, dtype, device)]
+    with medkernels.use_backend(backend):
+        y = depthwise_conv2d_layernorm(*tensors, eps=eps, stride=stride)
+    B, C, H, W, k, _ = case
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    assert y.shape == (B, Ho, Wo, C) and y.is_contiguous() and y.dtype == dtype
+    exact = [t.detach().double().requires_grad_(True) if t is not None else None for t in tensors]
+    ref = layernorm_f64(*exact, stride, eps)
+    rtol, atol = tol
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device, dtype)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    grads = torch.autograd.grad(y, [tensors[i] for i in present], cot)
+    expected = torch.autograd.grad(ref, [exact[i] for i in present], cot.double())
+    names = ("x", "weight", "bias", "ln_weight", "ln_bias")
+    for i, got, exp in zip(present, grads, expected):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), exp, rtol=rtol, atol=atol, msg=lambda m: f"grad {names[i]}: {m}")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    device, backend = request.param
+    reason = medkernels.unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    return torch.device(device), backend
+
+
+@pytest.mark.parametrize("affine", list(AFFINE.values()), ids=list(AFFINE))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_float64_statement(kernel_backend, case, layout, affine):
+    check(*kernel_backend, case, layout, affine)
+
+
+def test_reference_matches_float64_statement():
+    check(torch.device("cpu"), "ref", (2, 6, 7, 5, 3, 1), "nchw", AFFINE["all"])
+
+
+@pytest.mark.parametrize("case, layout, affine", [
+    pytest.param((1, 5, 4, 6, 3, 1), "nchw", AFFINE["all"], id="4x6-k3-s1-nchw"),
+    pytest.param((2, 3, 5, 4, 5, 2), "channels_last", AFFINE["no-ln-affine"], id="5x4-k5-s2-channels_last"),
+])
+def test_triton_interpreter_matches_float64_statement(case, layout, affine):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: Triton runs the full matrix on it (cuda-triton)")
+    reason = medkernels.unavailable_reason("triton")
+    if reason is not None:
+        pytest.fail(f"the Triton interpreter must run here: {reason}")
+    check(torch.device("cpu"), "triton", case, layout, affine)
+
+
+DTYPES = [  # (dtype, (rtol, atol)): the LayerNorm gradient subtracts means of products, so low-precision inputs
+    # lose a little more than in the plain convolution; still one to two roundings of the output dtype
+    pytest.param(torch.float32, (1e-5, 1e-5), id="float32"),
+    pytest.param(torch.float16, (4e-3, 4e-3), id="float16"),
+    pytest.param(torch.bfloat16, (3e-2, 3e-2), id="bfloat16"),
+]
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_kernel_dtypes(kernel_backend, dtype, tol):
+    check(*kernel_backend, (2, 24, 5, 6, 3, 1), "channels_last", AFFINE["all"], dtype, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_triton_interpreter_dtypes(dtype, tol):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: Triton runs the full matrix on it (cuda-triton)")
+    check(torch.device("cpu"), "triton", (1, 24, 4, 5, 3, 1), "nchw", AFFINE["all"], dtype, tol)
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+def test_local_block_matches_unfused_composition(cpu_backend):
+    torch.manual_seed(0)
+    block = LocalBlock(24).eval()
+    x = torch.randn(2, 24, 9, 7, requires_grad=True)
+    with medkernels.use_backend(cpu_backend):
+        out = block(x)
+    conv = block.dwconv
+    y = F.conv2d(x, conv.weight, conv.bias, 1, 1, groups=24).permute(0, 2, 3, 1)
+    y = F.gelu(block.pwconv(F.layer_norm(y, (24,), block.norm.weight, block.norm.bias, block.norm.eps)))
+    expected = x + y.permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    params = (x, conv.weight, conv.bias, block.norm.weight, block.norm.bias)
+    cot = torch.randn(out.shape)
+    for got, exp in zip(torch.autograd.grad(out, params, cot), torch.autograd.grad(expected, params, cot)):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_ss2d_style_conv_reads_channels_last_slice_and_writes_nchw(cpu_backend):
+    # SS2D: in_proj's output (B, H, W, 2 d) is split in two; the conv reads the first half in place
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(12, 3, activation="silu")
+    xz = torch.randn(2, 5, 7, 24, requires_grad=True)
+    with medkernels.use_backend(cpu_backend):
+        out = conv(xz[..., :12].permute(0, 3, 1, 2), memory_format=torch.contiguous_format)
+    expected = F.silu(F.conv2d(xz[..., :12].permute(0, 3, 1, 2).contiguous(), conv.weight, conv.bias, 1, 1, groups=12))
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    cot = torch.randn(out.shape)
+    torch.testing.assert_close(torch.autograd.grad(out, xz, cot)[0], torch.autograd.grad(expected, xz, cot)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        pytest.param(dict(ln_weight=torch.ones(4)), ValueError, "ln_weight", id="ln-weight-shape"),
+        pytest.param(dict(ln_bias=torch.ones(3, dtype=torch.float64)), TypeError, "ln_bias", id="ln-bias-dtype"),
+        pytest.param(dict(ln_bias=torch.ones(3, dtype=torch.int32)), TypeError, "ln_bias", id="ln-bias-int"),
+        pytest.param(dict(ln_weight=torch.ones(3, device="meta")), ValueError, "device", id="mixed-devices"),
+        pytest.param(dict(eps=-1.0), ValueError, "eps", id="eps-negative"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 2, 2)), ValueError, "even kernel", id="even-kernel-default-padding"),
+        pytest.param(dict(weight=torch.zeros(3, 3, 3)), ValueError, "weight", id="weight-3d"),
+    ],
+)
+def test_op_rejects_bad_arguments(kwargs, exc, word):
+    args = dict(x=torch.zeros(2, 3, 8, 8), weight=torch.zeros(3, 1, 3, 3), bias=None, ln_weight=None, ln_bias=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=word):
+        depthwise_conv2d_layernorm(**args)
+
+
+def test_cpu_entry_points_check_arguments():
+    reason = medkernels.unavailable_reason("cpu")
+    if reason is not None:
+        pytest.fail(f"the C++ extension must load here: {reason}")
+    import medkernels._C as ext
+
+    x, w = torch.zeros(2, 3, 8, 8), torch.zeros(3, 1, 3, 3)
+    with pytest.raises(ValueError, match="ln_weight"):
+        ext.depthwise_conv2d_layernorm_fwd_cpu(x, w, None, torch.ones(4), None, 1, 1, 1e-6)
+    with pytest.raises(TypeError, match="ln_bias"):
+        ext.depthwise_conv2d_layernorm_fwd_cpu(x, w, None, None, torch.ones(3, dtype=torch.float64), 1, 1, 1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        ext.depthwise_conv2d_layernorm_fwd_cpu(x, w, None, None, None, 1, 1, -1.0)
+    with pytest.raises(ValueError, match="grad"):
+        ext.depthwise_conv2d_layernorm_bwd_cpu(torch.zeros(2, 3, 8, 8), x, w, None, None, None, 1, 1, 1e-6)
+
+
+def test_opcheck(cpu_backend):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    args = (r(2, 4, 5, 3), r(4, 1, 3, 3), r(4), r(4), None, 2, 1, 1e-5, cpu_backend)
+    torch.library.opcheck(torch.ops.medkernels.depthwise_conv2d_layernorm_fwd, args)
