@@ -132,7 +132,8 @@ __global__ void map_finalize_kernel(const double* __restrict__ partial, int bloc
   acc_t var = running_var != nullptr ? *running_var : acc_t(1);
   if (batch_stats) {
     const double mu = s0 / double(n);
-    const double sq = s1 - s0 * mu > 0 ? s1 - s0 * mu : 0.0;  // sum of squared deviations
+    const double dev = s1 - s0 * mu;        // sum of squared deviations (NaN kept: NaN statistics, as torch)
+    const double sq = dev < 0.0 ? 0.0 : dev;  // a rounding below zero clamped
     mean = static_cast<acc_t>(mu);
     var = static_cast<acc_t>(sq / double(n));
     *batch_mean = mean;

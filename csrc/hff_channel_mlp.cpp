@@ -37,7 +37,7 @@ MK_HFF_INLINE void mlp_hidden(const MlpSizes& n, const acc_t* pooled, const acc_
         const acc_t* w = w1 + j * n.channels;
         const acc_t p = hff_cpu::lane_sum<acc_t>(n.channels, [&](int64_t c) { return v[c] * w[c]; });
         pre[(b * 2 + s) * n.hidden + j] = p;
-        h += p > acc_t(0) ? p : acc_t(0);
+        h += p <= acc_t(0) ? acc_t(0) : p;  // relu, NaN kept (as torch.relu)
       }
       hidden[b * n.hidden + j] = h;
     }
@@ -137,7 +137,8 @@ MK_HFF_INLINE void mlp_backward_body(const MlpBackward& m) {
       const double* v = p + (b * 2 + si) * n.channels;
       double* dv = dp + (b * 2 + si) * n.channels;
       for (int64_t j = 0; j < n.hidden; ++j) {
-        if (!(pre[(b * 2 + si) * n.hidden + j] > 0.0)) continue;  // relu's gradient
+        // relu's gradient as torch's (threshold_backward): zero where pre <= 0, passed through for NaN pre
+        if (pre[(b * 2 + si) * n.hidden + j] <= 0.0) continue;
         const double dpre = dhidden[j];
         const double* w = w1 + j * n.channels;
         double* dw = dw1 + j * n.channels;
@@ -195,7 +196,9 @@ std::vector<at::Tensor> hff_channel_mlp_backward(const at::Tensor& dgate, const 
   const at::Tensor gate = at::sigmoid(at::matmul(hidden, fc2_weight.t()));  // (B, C)
   const at::Tensor dlogit = dgate * gate * (1 - gate);
   const at::Tensor dfc2 = at::matmul(dlogit.t(), hidden);                   // (C, hidden)
-  const at::Tensor dpre = at::matmul(dlogit, fc2_weight).unsqueeze(1) * (pre > 0);  // (B, 2, hidden)
+  // relu's gradient as torch's: zero where pre <= 0 (even for a NaN dhidden), passed through for NaN pre
+  const at::Tensor dhidden = at::matmul(dlogit, fc2_weight).unsqueeze(1).expand_as(pre);
+  const at::Tensor dpre = at::threshold_backward(dhidden, pre, 0);  // (B, 2, hidden)
   const at::Tensor dfc1 = at::matmul(dpre.reshape({2 * batch, -1}).t(), pooled.reshape({2 * batch, channels}));
   const at::Tensor dpooled = at::matmul(dpre, fc1_weight);                  // (B, 2, C)
   return {dpooled.contiguous(), dfc1, dfc2, gate.contiguous()};

@@ -463,7 +463,8 @@ def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_o
                ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
     dlogit = dgate * gate * (1 - gate)
     dfc2 = dlogit.t() @ hidden
-    dpre = (dlogit @ fc2_weight).unsqueeze(1) * (pre > 0)
+    # relu's gradient as torch's: zero where pre <= 0 (even for a NaN dhidden), passed through for NaN pre
+    dpre = torch.where(pre <= 0, 0.0, (dlogit @ fc2_weight).unsqueeze(1))
     dfc1 = dpre.reshape(2 * B, -1).t() @ pooled.reshape(2 * B, C)
     dpooled = (dpre @ fc1_weight).contiguous()
     dx = _gate_input_grad(op, grad, gate, dpooled, argmax, x, False, gate_only, dx_accumulate)

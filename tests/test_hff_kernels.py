@@ -273,6 +273,53 @@ def test_nan_maxima_like_torch_max(device_backend, shape):
     assert torch.equal(channel[2].cpu(), index) and torch.equal(channel[1][:, 0].cpu().isnan(), top.isnan())
 
 
+def _assert_same_values(actual, expected, name):
+    """The same NaN and infinity pattern as `expected`, and close finite values."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double()
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{name}: NaNs at other places than the reference's"
+    assert torch.equal(actual.isinf(), expected.isinf()), f"{name}: infinities at other places than the reference's"
+    assert torch.equal(actual[actual.isinf()], expected[expected.isinf()]), f"{name}: infinities of other signs"
+    finite = expected.isfinite()
+    assert_close_scaled(actual[finite], expected[finite], 2e-6, name)
+
+
+@pytest.mark.parametrize("rows", ["short-rows", "long-rows"])
+def test_nan_and_inf_inputs_propagate_like_the_reference(device_backend, rows):
+    """A NaN in one image and an infinity in the other: the gates (eval-mode BatchNorm, so that the batch
+    statistics do not spread the NaN over the batch) and the combined op's output have the reference's NaNs,
+    infinities and finite values (torch.relu propagates NaN into the channel MLP's hidden units)."""
+    device, backend = device_backend
+    shape = (2, 6, 5, 4) if rows == "short-rows" else (2, 6, 9, 8)
+    x = randn(shape, 120, torch.float32)
+    x[0, 2, 1, 1] = float("nan")
+    x[1, 3, 2, 2] = float("inf")
+    cw, bw, bb = [t.float() for t in _spatial_params(121)]
+    stats = [torch.tensor([0.1]), torch.tensor([1.5])]
+    w1, w2 = randn((2, shape[1]), 122, torch.float32, scale=0.5), randn((shape[1], 2), 123, torch.float32, scale=0.5)
+    lnw, lnb = torch.ones(3 * shape[1]), torch.zeros(3 * shape[1])
+    spatial_leaves, channel_leaves = [x, cw, bw, bb], [x, w1, w2]
+    leaves = _leaves(spatial_leaves + channel_leaves[1:], None, device)
+    with medkernels.use_backend(backend):
+        sg = hff_spatial_gate(*leaves[:4], *[s.to(device) for s in stats], False)
+        cg = hff_channel_gate(leaves[0], *leaves[4:])
+        got = [_grads(sg, leaves[:4], 124), _grads(cg, [leaves[0]] + leaves[4:], 125)]
+        on = [t.to(device) for t in (x, cw, bw, bb, *stats)]
+        out = hff_attention_tail(on[0], on[0], *on, False, *[t.to(device) for t in (w1, w2, lnw, lnb)])
+    ref = [t.double().requires_grad_(True) for t in spatial_leaves + channel_leaves[1:]]
+    sg_r = hff_spatial_gate_ref(*ref[:4], *stats, False, 1e-5)[0]
+    cg_r = hff_channel_gate_ref(ref[0], *ref[4:])
+    want = [_grads(sg_r, ref[:4], 124), _grads(cg_r, [ref[0]] + ref[4:], 125)]
+    _assert_same_values(sg, sg_r, "spatial gate")
+    _assert_same_values(cg, cg_r, "channel gate")
+    names = {"spatial": ("x", "conv_weight", "bn_weight", "bn_bias"), "channel": ("x", "fc1_weight", "fc2_weight")}
+    for gate, got_grads, want_grads in zip(names, got, want):
+        for name, a, b in zip(names[gate], got_grads, want_grads):
+            _assert_same_values(a, b, f"{gate} gate: grad {name}")
+    xd = x.double()
+    expected = hff_attention_tail_ref(xd, xd, xd, cw, bw, bb, *stats, False, 1e-5, w1, w2, lnw, lnb, 1e-6)[0]
+    _assert_same_values(out, expected, "attention tail")
+
+
 # ---- determinism -------------------------------------------------------------------------------------------
 
 def _all_ops_once(x, sgw, w1, w2, lnw, lnb):
