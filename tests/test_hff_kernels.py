@@ -23,9 +23,7 @@ from medkernels.ops.hff_attention_ref import (
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
 
-from hff_utils import DTYPE_TOLERANCES, assert_close_scaled, channels_last_like, rand, randn
-
-DTYPES = [pytest.param(dt, id=str(dt).split(".")[-1]) for dt in DTYPE_TOLERANCES]
+from hff_utils import DTYPE_CASES, assert_close_scaled, channels_last_like, rand, randn, tolerance
 
 
 def _shape(backend):
@@ -33,9 +31,17 @@ def _shape(backend):
     return (2, 5, 3, 4) if backend == "triton" else (2, 19, 37, 9)
 
 
-def _grads(out, inputs, seed):
-    cot = randn(out.shape, seed, out.dtype)
+def _grads(out, inputs, seed, rounded_like=None):
+    """Gradients of `out` against a seeded random cotangent in out's dtype, or with the values rounded to
+    `rounded_like`'s dtype (a float64 reference gets the cotangent the low-precision op got)."""
+    cot = randn(out.shape, seed, out.dtype if rounded_like is None else rounded_like.dtype).to(out.dtype)
     return torch.autograd.grad(out, [t for t in inputs if t is not None], cot)
+
+
+def _summed_grad_tol(t):
+    """Tolerance of a gradient summed over every pixel (the weights'): the float32/float64 summation error
+    grows with the count; a float16/bfloat16 result is still one rounding of its float32 sum."""
+    return tolerance(t, "grad") * (4 if t.dtype in (torch.float32, torch.float64) else 1)
 
 
 def _leaves(tensors, dtype, device):
@@ -50,15 +56,15 @@ def _spatial_params(seed, k=7):
 
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype_case", DTYPE_CASES)
 @pytest.mark.parametrize("gate_only", [True, False], ids=["gate", "attention"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_spatial_matches_reference(device_backend, dtype, gate_only, training):
+def test_spatial_matches_reference(device_backend, dtype_case, gate_only, training):
     device, backend = device_backend
-    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    dtype = dtype_case[0]
     shape = _shape(backend)
     x64 = randn(shape, 0, scale=2.0, shift=0.5)
-    stats64 = [randn((1,), 4, scale=0.1), rand((1,), 5, low=1.0, high=2.0)]
+    stats64 = [t.to(dtype).double() for t in (randn((1,), 4, scale=0.1), rand((1,), 5, low=1.0, high=2.0))]
     x = channels_last_like(x64.to(dtype)).to(device).requires_grad_(True)
     params64 = _spatial_params(1)
     params = _leaves(params64, dtype, device)
@@ -71,16 +77,17 @@ def test_spatial_matches_reference(device_backend, dtype, gate_only, training):
     xr = x.detach().double().cpu().requires_grad_(True)  # the rounded input values
     params_r = [p.detach().double().cpu().requires_grad_(True) for p in params]
     ref = hff_spatial_gate_ref if gate_only else hff_spatial_attention_ref
-    expected, batch_mean, batch_var = ref(xr, *params_r, *[s.double() for s in stats64], training, 1e-4)
-    want = _grads(expected, [xr] + params_r, 6)
+    expected, batch_mean, batch_var = ref(xr, *params_r, *stats64, training, 1e-4)
+    want = _grads(expected, [xr] + params_r, 6, rounded_like=out)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == (acc if gate_only else dtype)
-    assert_close_scaled(out, expected, out_tol, "output")
+    assert_close_scaled(out, expected, tolerance(out, "output"), "output")
     for name, a, b in zip(("x", "conv_weight", "bn_weight", "bn_bias"), got, want):
-        assert_close_scaled(a, b, grad_tol, f"grad {name}")
+        assert a.dtype == dtype, f"grad {name}: dtype {a.dtype}"
+        assert_close_scaled(a, b, tolerance(a, "grad") if name == "x" else _summed_grad_tol(a), f"grad {name}")
     for s, s64, batch in zip(running, stats64, (batch_mean, batch_var)):
-        expected_stat = s64.to(dtype).double() * 0.7 + 0.3 * batch if training else s64.to(dtype).double()
-        assert_close_scaled(s, expected_stat, out_tol, "running statistic")
+        assert s.dtype == dtype
+        assert_close_scaled(s, s64 * 0.7 + 0.3 * batch if training else s64, tolerance(s, "output"), "running statistic")
 
 
 def test_spatial_without_bn_affine_or_running_stats(cpu_backend):
@@ -99,11 +106,11 @@ def test_spatial_without_bn_affine_or_running_stats(cpu_backend):
 
 # ---- channel gate ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype_case", DTYPE_CASES)
 @pytest.mark.parametrize("gate_only", [True, False], ids=["gate", "attention"])
-def test_channel_matches_reference(device_backend, dtype, gate_only):
+def test_channel_matches_reference(device_backend, dtype_case, gate_only):
     device, backend = device_backend
-    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    dtype = dtype_case[0]
     shape = _shape(backend)
     C, hidden = shape[1], 3
     x = channels_last_like(randn(shape, 20, dtype, scale=2.0)).to(device).requires_grad_(True)
@@ -116,18 +123,21 @@ def test_channel_matches_reference(device_backend, dtype, gate_only):
     weights_r = [w.detach().double().cpu().requires_grad_(True) for w in weights]
     ref = hff_channel_gate_ref if gate_only else hff_channel_attention_ref
     expected = ref(xr, weights_r[0].flatten(1), weights_r[1].flatten(1))
-    want = _grads(expected, [xr] + weights_r, 23)
-    assert_close_scaled(out, expected, out_tol, "output")
+    want = _grads(expected, [xr] + weights_r, 23, rounded_like=out)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == (acc if gate_only else dtype)
+    assert_close_scaled(out, expected, tolerance(out, "output"), "output")
     for name, a, b in zip(("x", "fc1_weight", "fc2_weight"), got, want):
-        assert_close_scaled(a, b, grad_tol, f"grad {name}")
+        assert a.dtype == dtype, f"grad {name}: dtype {a.dtype}"
+        assert_close_scaled(a, b, tolerance(a, "grad") if name == "x" else _summed_grad_tol(a), f"grad {name}")
 
 
 # ---- fusion tail -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_tail_matches_reference(device_backend, dtype):
+@pytest.mark.parametrize("dtype_case", DTYPE_CASES)
+def test_fused_tail_matches_reference(device_backend, dtype_case):
     device, backend = device_backend
-    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    dtype = dtype_case[0]
     B, C, H, W = _shape(backend)
     C1, C2, Ci = C, C + 2, C - 1
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -143,13 +153,14 @@ def test_fused_tail_matches_reference(device_backend, dtype):
         got = _grads(out, inputs, 37)
     inputs_r = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
     expected = hff_fused_tail_ref(*inputs_r, 1e-6)[0]
-    want = _grads(expected, inputs_r, 37)
+    want = _grads(expected, inputs_r, 37, rounded_like=out)
     assert out.dtype == dtype and out.shape == (B, C1 + C2 + Ci, H, W)
-    assert_close_scaled(out, expected, out_tol, "output")
+    assert_close_scaled(out, expected, tolerance(out, "output"), "output")
     names = ("l", "g", "x_f", "spatial_gate", "channel_gate", "ln_weight", "ln_bias")
-    for name, a, bb in zip(names, got, want):
-        # the gates' and LayerNorm parameters' gradients sum over many pixels: scale by that count
-        tol = grad_tol if name in ("l", "g", "x_f") else grad_tol * 4
+    for name, a, bb, t in zip(names, got, want, inputs):
+        assert a.dtype == t.dtype, f"grad {name}: dtype {a.dtype}"
+        # the gates' and LayerNorm parameters' gradients (float32 for low-precision features) sum over pixels
+        tol = tolerance(a, "grad") if name in ("l", "g", "x_f") else _summed_grad_tol(a)
         assert_close_scaled(a, bb, tol, f"grad {name}")
 
 
@@ -173,11 +184,11 @@ def _call_attention_tail(features, weights, stats, training, fn=hff_attention_ta
     return fn(*features, cw, bw, bb, *stats, training, w1, w2, lnw, lnb, momentum=0.2, bn_eps=1e-4, ln_eps=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype_case", DTYPE_CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_attention_tail_matches_reference(device_backend, dtype, training):
+def test_attention_tail_matches_reference(device_backend, dtype_case, training):
     device, backend = device_backend
-    out_tol, grad_tol = DTYPE_TOLERANCES[dtype]
+    dtype = dtype_case[0]
     features, weights, stats = _attention_tail_case(backend, dtype)
     features = _leaves(features, None, device)
     weights = _leaves(weights, None, device)
@@ -190,15 +201,18 @@ def test_attention_tail_matches_reference(device_backend, dtype, training):
     cw, bw, bb, w1, w2, lnw, lnb = weights_r
     expected, batch_mean, batch_var = hff_attention_tail_ref(*features_r, cw, bw, bb, *[s.double() for s in stats],
                                                              training, 1e-4, w1.flatten(1), w2.flatten(1), lnw, lnb, 1e-6)
-    want = _grads(expected, features_r + weights_r, 91)
+    want = _grads(expected, features_r + weights_r, 91, rounded_like=out)
     assert out.dtype == dtype
-    assert_close_scaled(out, expected, out_tol, "output")
+    assert_close_scaled(out, expected, tolerance(out, "output"), "output")
     names = ("l", "g", "x_f", "conv_weight", "bn_weight", "bn_bias", "fc1_weight", "fc2_weight", "ln_weight", "ln_bias")
     for name, a, b in zip(names, got, want):
-        tol = grad_tol if name in ("l", "g", "x_f") else grad_tol * 4  # sums over every pixel
+        assert a.dtype == dtype, f"grad {name}: dtype {a.dtype}"
+        tol = tolerance(a, "grad") if name in ("l", "g", "x_f") else _summed_grad_tol(a)  # weights: sums over pixels
         assert_close_scaled(a, b, tol, f"grad {name}")
     for s, s0, batch in zip(running, stats, (batch_mean, batch_var)):
-        assert_close_scaled(s, s0.double() * 0.8 + 0.2 * batch if training else s0.double(), out_tol, "running stat")
+        assert s.dtype == dtype
+        expected_stat = s0.double() * 0.8 + 0.2 * batch if training else s0.double()
+        assert_close_scaled(s, expected_stat, tolerance(s, "output"), "running stat")
 
 
 def _three_ops(l, g, x_f, cw, bw, bb, rm, rv, training, w1, w2, lnw, lnb, momentum, bn_eps, ln_eps):
@@ -472,3 +486,25 @@ def test_triton_launchers_reject_bad_operands():
         hff_attention.hff_spatial_gate_fwd(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 6, 6), None, None, None, None, True, 1e-5, True)
     with pytest.raises(TypeError, match="x"):
         hff_attention.hff_channel_gate_fwd(torch.zeros(2, 8, 4, 4, dtype=torch.int32), torch.zeros(2, 8), torch.zeros(8, 2), True)
+
+
+# ---- BatchNorm running statistics ----------------------------------------------------------------------------
+
+def test_float16_running_stats_are_rounded_once_like_batch_norm():
+    """The running-statistics update of the spatial BatchNorm (update_running_stats, used by every op and backend)
+    on float16 running statistics gives F.batch_norm's values bit for bit: the new value is computed in float32
+    from the float32 batch statistics and rounded once (a float16-rounded batch statistic would round twice)."""
+    import torch.nn.functional as F
+
+    from medkernels.ops.hff_attention import update_running_stats
+
+    for seed in range(128):  # a double rounding changes about one value in ten
+        z = randn((16, 1, 1, 1), 130 + seed, torch.float16, scale=0.3, shift=1.0)
+        initial = [rand((1,), 200 + seed, torch.float16, 0.5, 1.5), rand((1,), 300 + seed, torch.float16, 0.5, 1.5)]
+        expected = [t.clone() for t in initial]
+        F.batch_norm(z, *expected, None, None, True, 0.3, 1e-5)
+        got = [t.clone() for t in initial]
+        zf = z.float().flatten()
+        update_running_stats(*got, zf.mean().reshape(1), zf.var().reshape(1), True, 0.3)
+        for name, a, b in zip(("running_mean", "running_var"), got, expected):
+            assert a.dtype == torch.float16 and torch.equal(a, b), f"seed {seed}: {name} {a.item()} != {b.item()}"

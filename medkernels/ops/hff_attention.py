@@ -240,11 +240,16 @@ def validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_v
 
 
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum):
-    """The in-place running-statistics update of nn.BatchNorm2d in training mode (unbiased batch variance)."""
+    """The in-place running-statistics update of nn.BatchNorm2d in training mode (unbiased batch variance).
+
+    Computed in the batch statistics' dtype (float32, float64 for float64 inputs) and rounded once into the
+    running statistics' dtype, as ATen's batch norm does: float16/bfloat16 running statistics are not rounded
+    twice (through a rounded batch statistic)."""
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(batch_var.to(running_var.dtype), momentum)
+            for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+                acc = torch.promote_types(running.dtype, batch.dtype)
+                running.copy_(torch.lerp(running.to(acc), batch.to(acc), momentum))
 
 
 def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
