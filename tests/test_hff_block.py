@@ -34,9 +34,9 @@ def official_forward(block, l, g, f):
     return shortcut + block.drop_path(fuse)
 
 
-def _randomized_block(width):
+def _randomized_block(width, r_2=16):
     torch.manual_seed(width)
-    block = HFFBlock(width, width, 16, width, width)
+    block = HFFBlock(width, width, r_2, width, width)
     with torch.no_grad():
         for i, (name, t) in enumerate(sorted(block.state_dict().items())):
             if name.endswith("running_mean"):
@@ -74,14 +74,16 @@ def _checked_parameters(block, width):
     return {k: v for k, v in block.named_parameters() if width == WIDTHS[0] or not k.startswith("residual.")}
 
 
-def _step(block, forward, inputs, training):
-    """One forward and backward; returns (output, input grads, {param: grad}, {buffer: value after})."""
+def _step(block, forward, inputs, training, all_parameters=False, cotangent_dtype=None):
+    """One forward and backward; returns (output, input grads, {param: grad}, {buffer: value after}). The
+    cotangent is seeded, in the output's dtype (with values rounded to `cotangent_dtype` when given)."""
     block.train(training)
     inputs = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
     out = forward(block, *inputs)
-    params = _checked_parameters(block, block.norm3.weight.shape[0] // 3)
+    params = dict(block.named_parameters()) if all_parameters else _checked_parameters(block, block.norm3.weight.shape[0] // 3)
     leaves = [t for t in inputs if t is not None] + list(params.values())
-    grads = torch.autograd.grad(out, leaves, randn(out.shape, 4, out.dtype), allow_unused=True)
+    cot = randn(out.shape, 4, cotangent_dtype or out.dtype).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, cot, allow_unused=True)
     n = sum(t is not None for t in inputs)
     return out, grads[:n], dict(zip(params, grads[n:])), {k: v.clone() for k, v in block.named_buffers()}
 
@@ -141,4 +143,67 @@ def test_hff_block_matches_official(device_backend, blocks, references, width, w
     for name, b in expected[3].items():
         assert_close_scaled(got[3][name], b, out_tol, f"buffer {name}")
     spatial_stats_moved = not torch.equal(expected[3]["spatial.bn.running_mean"], initial["spatial.bn.running_mean"].double())
+    assert spatial_stats_moved == training
+
+
+# float16 / bfloat16: (dtype, slack of the output, input gradients and buffers, slack of the parameter gradients).
+# Everything but the fused attention tail is plain PyTorch in that dtype (the 1x1 convolutions and BatchNorms,
+# LayerNorms, GELU, the IRMLP), whose roundings compound over the block, so each result is held to the error of the
+# official forward run eagerly in the same dtype plus a slack, both relative to the largest magnitude of the
+# float64 reference. Output, input gradients and running statistics: one epsilon of the dtype (one more rounding).
+# Parameter gradients are sums over the batch's pixels of gradients that carry the surrounding layers' rounding
+# noise, which two pipelines rounding at different places (the fused op once, eager PyTorch after every op) see
+# differently; for BatchNorm parameters and the biases feeding a training-mode BatchNorm (zero in exact arithmetic)
+# that noise does not average out: four epsilons (measured: at most 3.2).
+_EPS16, _EPSBF16 = torch.finfo(torch.float16).eps, torch.finfo(torch.bfloat16).eps
+LOW_PRECISION = [
+    pytest.param((torch.float16, _EPS16, 4 * _EPS16), id="float16"),
+    pytest.param((torch.bfloat16, _EPSBF16, 4 * _EPSBF16), id="bfloat16"),
+]
+LOW_PRECISION_WIDTH, LOW_PRECISION_R = 16, 4  # a small block: 4 hidden units in the channel MLP
+
+
+def _relative_error(actual, expected):
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((actual - expected).abs().max()) / max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype_case", LOW_PRECISION)
+@pytest.mark.parametrize("with_f, training", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["with-f-train", "first-block-train", "with-f-eval", "first-block-eval"])
+def test_hff_block_low_precision(device_backend, dtype_case, with_f, training):
+    """HFFBlock with float16/bfloat16 parameters, buffers and inputs against the official forward in float64 on the
+    same rounded values (and the same rounded cotangent): output, input and parameter gradients, BatchNorm running
+    statistics and batch counts; the results keep the block's dtype."""
+    device, backend = device_backend
+    dtype, slack, param_slack = dtype_case
+    width = LOW_PRECISION_WIDTH
+    block = _randomized_block(width, LOW_PRECISION_R).to(device=device, dtype=dtype)
+    inputs = [None if t is None else t.to(device=device, dtype=dtype) for t in _inputs(width, with_f)]
+    expected = _step(copy.deepcopy(block).cpu().double(), official_forward,
+                     [None if t is None else t.cpu().double() for t in inputs], training, True, dtype)
+    eager = _step(copy.deepcopy(block), official_forward, inputs, training, True)
+    with medkernels.use_backend(backend):
+        got = _step(copy.deepcopy(block), lambda b, *a: b(*a), inputs, training, True)
+
+    def check(name, a, e, b, slack=slack):
+        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype}, the eager block gives {e.dtype}"
+        eager_err, err = _relative_error(e, b), _relative_error(a, b)
+        assert err <= eager_err + slack, f"{name}: relative error {err:.3e} > eager's {eager_err:.3e} + {slack:.1e}"
+
+    assert got[0].dtype == dtype
+    check("output", got[0], eager[0], expected[0])
+    for name, a, e, b in zip("lgf", got[1], eager[1], expected[1]):
+        check(f"grad {name}", a, e, b)
+    for name, b in expected[2].items():
+        a, e = got[2][name], eager[2][name]
+        assert (a is None) == (b is None), f"{name}: gradient presence differs from the official block"
+        if b is not None:
+            check(f"grad {name}", a, e, b, param_slack)
+    for name, b in expected[3].items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(got[3][name].cpu(), b), f"buffer {name}"
+        else:
+            check(f"buffer {name}", got[3][name], eager[3][name], b)
+    spatial_stats_moved = not torch.equal(got[3]["spatial.bn.running_mean"], block.spatial.bn.running_mean)
     assert spatial_stats_moved == training
