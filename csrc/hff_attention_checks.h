@@ -44,11 +44,14 @@ inline void hff_check_optional(const c10::optional<at::Tensor>& t, const char* o
   if (hff_present(t) != nullptr) hff_check_operand(*t, op, name, dtype, shape, layout, device);
 }
 
-// x (B, C, H, W) with C >= 1 and H * W >= 1.
+// x (B, C, H, W) with C >= 1 and H * W >= 1; B >= 1 on CUDA (whose launch grids would be empty: the
+// medkernels.ops functions compute an empty batch without the kernels).
 inline void hff_check_feature(const at::Tensor& x, const char* op, const char* name, c10::DeviceType device) {
   check_cross_scan_input(x, op, name, 4, "(B, C, H, W)", device);
   TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op, ": expected ", name,
                     " to have at least one channel and one pixel, but got shape ", x.sizes());
+  TORCH_CHECK_VALUE(device != c10::DeviceType::CUDA || x.size(0) >= 1, op, ": expected ", name,
+                    " to hold at least one image, but got shape ", x.sizes());
 }
 
 // Checks of the spatial gate's operands; returns the kernel size k.

@@ -48,7 +48,9 @@ int64_t tail_tile(int64_t batch, int64_t channels, int64_t pixels, int64_t acc_s
                           ? pixels
                           : std::min(kMaxTile, std::max(kMinTile, kBufferBytes / std::max<int64_t>(1, channels * acc_size)));
   int64_t tiles = (pixels + fit - 1) / fit;
-  if (batch * tiles < kMinTasks) tiles = std::min((kMinTasks + batch - 1) / batch, (pixels + 15) / 16);
+  if (batch > 0 && batch * tiles < kMinTasks) {  // (an empty batch has no task to split)
+    tiles = std::min((kMinTasks + batch - 1) / batch, (pixels + 15) / 16);
+  }
   const int64_t balanced = (pixels + tiles - 1) / tiles;
   return (balanced + 7) / 8 * 8;
 }

@@ -508,3 +508,54 @@ def test_float16_running_stats_are_rounded_once_like_batch_norm():
         update_running_stats(*got, zf.mean().reshape(1), zf.var().reshape(1), True, 0.3)
         for name, a, b in zip(("running_mean", "running_var"), got, expected):
             assert a.dtype == torch.float16 and torch.equal(a, b), f"seed {seed}: {name} {a.item()} != {b.item()}"
+
+
+# ---- empty batch -----------------------------------------------------------------------------------------------
+
+def test_empty_batch(device_backend):
+    """B = 0 (eval-mode BatchNorm; training needs batch statistics): empty outputs of the right shapes and dtypes,
+    empty input gradients and zero weight gradients, like the reference (the CPU fusion tail divided by the batch
+    size when tiling and crashed the process with SIGFPE)."""
+    device, backend = device_backend
+    C1, C2, Ci, H, W = 3, 4, 2, 5, 6
+    l, g, x_f = [torch.zeros(0, c, H, W, device=device, requires_grad=True) for c in (C1, C2, Ci)]
+    cw, bw, bb = [t.float().to(device).requires_grad_(True) for t in _spatial_params(140)]
+    stats = [torch.zeros(1, device=device), torch.ones(1, device=device)]
+    w1 = randn((2, C2), 141, torch.float32).to(device).requires_grad_(True)
+    w2 = randn((C2, 2), 142, torch.float32).to(device).requires_grad_(True)
+    lnw, lnb = [torch.ones(C1 + C2 + Ci, device=device, requires_grad=True) for _ in range(2)]
+    sg = torch.zeros(0, 1, H, W, device=device, requires_grad=True)
+    cg = torch.zeros(0, C2, 1, 1, device=device, requires_grad=True)
+    with medkernels.use_backend(backend):
+        results = {
+            "spatial attention": (hff_spatial_attention(l, cw, bw, bb, *stats, False), [l, cw, bw, bb]),
+            "spatial gate": (hff_spatial_gate(l, cw, bw, bb, *stats, False), [l, cw, bw, bb]),
+            "channel attention": (hff_channel_attention(g, w1, w2), [g, w1, w2]),
+            "channel gate": (hff_channel_gate(g, w1, w2), [g, w1, w2]),
+            "fused tail": (hff_fused_tail(l, g, x_f, sg, cg, lnw, lnb), [l, g, x_f, sg, cg, lnw, lnb]),
+            "attention tail": (hff_attention_tail(l, g, x_f, cw, bw, bb, *stats, False, w1, w2, lnw, lnb),
+                               [l, g, x_f, cw, bw, bb, w1, w2, lnw, lnb]),
+        }
+        shapes = {"spatial attention": (0, C1, H, W), "spatial gate": (0, 1, H, W), "channel attention": (0, C2, H, W),
+                  "channel gate": (0, C2, 1, 1), "fused tail": (0, C1 + C2 + Ci, H, W),
+                  "attention tail": (0, C1 + C2 + Ci, H, W)}
+        for name, (out, inputs) in results.items():
+            assert tuple(out.shape) == shapes[name], f"{name}: shape {tuple(out.shape)}"
+            assert out.dtype == torch.float32 and out.device.type == device.type, name
+            grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+            for t, gr in zip(inputs, grads):
+                assert gr.shape == t.shape and gr.dtype == t.dtype, name
+                assert not gr.any(), f"{name}: a gradient of an empty batch is not zero"
+    assert torch.equal(stats[0].cpu(), torch.zeros(1)) and torch.equal(stats[1].cpu(), torch.ones(1))
+
+
+def test_cpu_tail_kernels_take_an_empty_batch():
+    """The compiled CPU fusion tail itself (not only the op) accepts B = 0 (it used to die with SIGFPE)."""
+    m = _compiled()
+    args = list(_tail_args(**{k: torch.zeros(0, *v) for k, v in (("l", (3, 4, 5)), ("g", (2, 4, 5)), ("x_f", (4, 4, 5)),
+                                                                    ("spatial_gate", (1, 4, 5)), ("channel_gate", (2, 1, 1)))}).values())
+    out, mean, rstd = m.hff_fused_tail_fwd_cpu(*args, 1e-6)
+    assert out.shape == (0, 9, 4, 5) and mean.shape == rstd.shape == (0, 4, 5)
+    grads = m.hff_fused_tail_bwd_cpu(torch.zeros(0, 9, 4, 5), *args, mean, rstd)
+    assert [tuple(t.shape) for t in grads] == [(0, 3, 4, 5), (0, 2, 4, 5), (0, 4, 4, 5), (0, 1, 4, 5), (0, 2, 1, 1), (9,), (9,)]
+    assert not grads[5].any() and not grads[6].any()

@@ -37,6 +37,12 @@ def restore_grad(grad, t):
     return None if t is None else grad.reshape(t.shape).to(t.dtype)
 
 
+def empty_batch(x):
+    """Whether x (B, ...) holds no image. The kernels' launch grids and tilings assume B >= 1: the kernel
+    implementations hand an empty batch to the reference implementation (empty outputs, zero weight gradients)."""
+    return x.shape[0] == 0
+
+
 # ---- implementations -----------------------------------------------------------------------------
 
 class _SpatialRefImpl:
@@ -74,11 +80,17 @@ class _SpatialKernelImpl:
         return (x.contiguous(),) + tuple(acc_operand(t, x) for t in (conv_weight, bn_weight, bn_bias, running_mean, running_var))
 
     def forward(self, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only):
+        if empty_batch(x):
+            return _SpatialRefImpl.forward(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                                           use_batch_stats, eps, gate_only)
         operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
         return list(self.fwd(*operands, use_batch_stats, eps, gate_only))
 
     def backward(self, grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                  use_batch_stats, eps, gate_only):
+        if empty_batch(x):
+            return _SpatialRefImpl.backward(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean,
+                                            running_var, use_batch_stats, eps, gate_only)
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
         grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), *operands, use_batch_stats, eps, gate_only,
@@ -108,9 +120,13 @@ class _ChannelKernelImpl:
         self.fwd, self.bwd = fwd, bwd
 
     def forward(self, x, fc1_weight, fc2_weight, gate_only):
+        if empty_batch(x):
+            return _ChannelRefImpl.forward(x, fc1_weight, fc2_weight, gate_only)
         return list(self.fwd(x.contiguous(), acc_operand(fc1_weight, x), acc_operand(fc2_weight, x), gate_only))
 
     def backward(self, grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
+        if empty_batch(x):
+            return _ChannelRefImpl.backward(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only)
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), x.contiguous(), acc_operand(fc1_weight, x),
                          acc_operand(fc2_weight, x), gate_only, None)

@@ -14,7 +14,7 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._common import check_same_device, check_tensor, vjp
-from .hff_attention import acc_operand, restore_grad
+from .hff_attention import acc_operand, empty_batch, restore_grad
 from .hff_attention_ref import acc_dtype
 from .hff_fused_tail_ref import hff_fused_tail_ref
 
@@ -45,9 +45,13 @@ class _KernelImpl:
         return (l.contiguous(), g.contiguous(), x_f.contiguous()) + small
 
     def forward(self, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps):
+        if empty_batch(l):
+            return _RefImpl.forward(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps)
         return list(self.fwd(*self._operands(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias), eps))
 
     def backward(self, dout, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, mean, rstd, eps):
+        if empty_batch(l):
+            return _RefImpl.backward(dout, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, mean, rstd, eps)
         inputs = (l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
         grads = self.bwd(dout.to(l.dtype).contiguous(), *self._operands(*inputs), mean.contiguous(), rstd.contiguous())
         return [restore_grad(d, t) for d, t in zip(grads, inputs)]
