@@ -207,3 +207,35 @@ def test_hff_block_low_precision(device_backend, dtype_case, with_f, training):
             check(f"buffer {name}", got[3][name], eager[3][name], b)
     spatial_stats_moved = not torch.equal(got[3]["spatial.bn.running_mean"], block.spatial.bn.running_mean)
     assert spatial_stats_moved == training
+
+
+def _spatial_bn_variant(block, variant):
+    bn = block.spatial.bn
+    if variant == "cumulative":  # momentum None: cumulative moving average over num_batches_tracked
+        bn.momentum = None
+    elif variant == "no-running-stats":  # batch statistics in eval mode too, no buffers
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    elif variant == "no-affine":
+        bn.affine = False
+        bn.weight = bn.bias = None
+    return block
+
+
+@pytest.mark.parametrize("variant", ["cumulative", "no-running-stats", "no-affine"])
+def test_hff_block_spatial_batchnorm_variants(cpu_backend, variant):
+    """The spatial BatchNorm's other nn.BatchNorm2d configurations behave as in the official forward, step after
+    step: three training steps then an eval step, outputs and the BatchNorm's buffers (running statistics and
+    num_batches_tracked) in float64."""
+    block = _spatial_bn_variant(_randomized_block(LOW_PRECISION_WIDTH, LOW_PRECISION_R).double(), variant)
+    official = copy.deepcopy(block)
+    for step, training in enumerate((True, True, True, False)):
+        inputs = [randn((BATCH, LOW_PRECISION_WIDTH, H, W), 10 + 3 * step + i, scale=1.0 + i) for i in range(2)]
+        block.train(training)
+        official.train(training)
+        with medkernels.use_backend(cpu_backend):
+            out = block(*inputs)
+        expected = official_forward(official, *inputs, None)
+        assert_close_scaled(out, expected, 1e-12, f"step {step}: output")
+        for (name, a), (_, b) in zip(block.spatial.bn.named_buffers(), official.spatial.bn.named_buffers()):
+            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-12, atol=0), f"step {step}: {name} {a} != {b}"

@@ -337,31 +337,71 @@ def test_nan_and_inf_inputs_propagate_like_the_reference(device_backend, rows):
 # ---- determinism -------------------------------------------------------------------------------------------
 
 def _all_ops_once(x, sgw, w1, w2, lnw, lnb):
+    """Every op (gates, attentions, fusion tail, combined op) forward and backward on x: [outputs..., grads...]."""
     sg = hff_spatial_gate(x, *sgw, None, None, True)
     cg = hff_channel_gate(x, w1, w2)
-    out = hff_fused_tail(x, x, x, sg, cg, lnw, lnb)
+    outs = [hff_fused_tail(x, x, x, sg, cg, lnw, lnb), hff_spatial_attention(x, *sgw, None, None, True),
+            hff_channel_attention(x, w1, w2),
+            hff_attention_tail(x, x, x, *sgw, None, None, True, w1, w2, lnw, lnb)]
     leaves = [x, *sgw, w1, w2, lnw, lnb]
-    return [out] + list(torch.autograd.grad(out, leaves, randn(out.shape, 50, out.dtype)))
+    loss = sum((out.double() * randn(out.shape, 50 + i)).sum() for i, out in enumerate(outs))
+    return outs + list(torch.autograd.grad(loss, leaves))
+
+
+def _determinism_case():
+    """Operands whose passes are large enough to run in parallel regions (more than 2^18 elements a pass)."""
+    if medkernels.unavailable_reason("cpu") is not None:
+        pytest.skip("the cpu backend is unavailable")
+    C = 40
+    x = randn((2, C, 61, 59), 51, torch.float32).requires_grad_(True)
+    sgw = [t.float().requires_grad_(True) for t in _spatial_params(52)]
+    w1, w2 = randn((3, C), 53, torch.float32).requires_grad_(True), randn((C, 3), 54, torch.float32).requires_grad_(True)
+    lnw = randn((3 * C,), 55, torch.float32).requires_grad_(True)
+    lnb = randn((3 * C,), 56, torch.float32).requires_grad_(True)
+    return x, sgw, w1, w2, lnw, lnb
 
 
 def test_cpu_kernels_do_not_depend_on_the_thread_count():
-    if medkernels.unavailable_reason("cpu") is not None:
-        pytest.skip("the cpu backend is unavailable")
-    x = randn((2, 24, 33, 17), 51, torch.float32).requires_grad_(True)
-    sgw = [t.float().requires_grad_(True) for t in _spatial_params(52)]
-    w1, w2 = randn((3, 24), 53, torch.float32).requires_grad_(True), randn((24, 3), 54, torch.float32).requires_grad_(True)
-    lnw, lnb = randn((72,), 55, torch.float32).requires_grad_(True), randn((72,), 56, torch.float32).requires_grad_(True)
+    case = _determinism_case()
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
             with medkernels.use_backend("cpu"):
-                results.append(_all_ops_once(x, sgw, w1, w2, lnw, lnb))
+                results.append(_all_ops_once(*case))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"result {i} depends on the thread count"
+
+
+def test_cpu_kernels_are_thread_safe():
+    """Four Python threads running every op at once (each op's parallel regions inside) get the results of a
+    serial run, bit for bit: the kernels keep no shared mutable state."""
+    import threading
+
+    case = _determinism_case()
+    with medkernels.use_backend("cpu"):
+        expected = _all_ops_once(*case)
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            with medkernels.use_backend("cpu"):
+                results[i] = _all_ops_once(*case)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    for got in results:
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert torch.equal(a, b), f"result {i} differs under concurrent calls"
 
 
 # ---- torch.library registration ----------------------------------------------------------------------------
