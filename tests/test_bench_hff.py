@@ -22,3 +22,20 @@ def test_hff_bench_rows_are_consistent():
         assert row["max_abs_err_vs_ref"] < 1e-4, row
     table = bench_hff.format_rows(rows)
     assert table.count("\n") == len(rows) + 1 and "hff_attention_tail  forward" in table
+
+
+def test_hff_bench_main_writes_json(tmp_path, monkeypatch, capsys):
+    """python -m medkernels.bench_hff --json FILE: the printed table and the JSON file hold the same rows (the
+    benchmark itself shrunk to one tiny scale)."""
+    import functools
+    import json
+
+    tiny = functools.partial(bench_hff.bench_hff, scales=((16, 4),), batch=2)
+    monkeypatch.setattr(bench_hff, "bench_hff", lambda device, time_call, warmup, repeats, quick: tiny(
+        device, time_call, warmup, repeats, quick=quick))
+    path = tmp_path / "hff.json"
+    assert bench_hff.main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["device"] == "cpu" and record["args"]["repeats"] == 1 and record["threads"] == torch.get_num_threads()
+    assert {"op", "pass", "provider", "median_s"} <= set(record["rows"][0])
+    assert bench_hff.format_rows(record["rows"]).splitlines()[0] in capsys.readouterr().out
