@@ -44,13 +44,12 @@ constexpr int64_t kMaxTile = 512;
 constexpr int64_t kMinTasks = 8;
 
 int64_t tail_tile(int64_t batch, int64_t channels, int64_t pixels, int64_t acc_size) {
+  if (batch <= 0 || pixels <= 0) return 8;  // nothing to compute (an empty batch): any tile, no division by zero
   const int64_t fit = pixels <= kWholeImage
                           ? pixels
                           : std::min(kMaxTile, std::max(kMinTile, kBufferBytes / std::max<int64_t>(1, channels * acc_size)));
   int64_t tiles = (pixels + fit - 1) / fit;
-  if (batch > 0 && batch * tiles < kMinTasks) {  // (an empty batch has no task to split)
-    tiles = std::min((kMinTasks + batch - 1) / batch, (pixels + 15) / 16);
-  }
+  if (batch * tiles < kMinTasks) tiles = std::min((kMinTasks + batch - 1) / batch, (pixels + 15) / 16);
   const int64_t balanced = (pixels + tiles - 1) / tiles;
   return (balanced + 7) / 8 * 8;
 }

@@ -14,7 +14,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_same_device, check_tensor, vjp
+from ._common import check_same_device, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention_ref import (
     acc_dtype,
     channel_pool_ref,
@@ -35,12 +35,6 @@ def acc_operand(t, like):
 def restore_grad(grad, t):
     """A kernel gradient back to its input's shape and dtype (None where the input is absent)."""
     return None if t is None else grad.reshape(t.shape).to(t.dtype)
-
-
-def empty_batch(x):
-    """Whether x (B, ...) holds no image. The kernels' launch grids and tilings assume B >= 1: the kernel
-    implementations hand an empty batch to the reference implementation (empty outputs, zero weight gradients)."""
-    return x.shape[0] == 0
 
 
 # ---- implementations -----------------------------------------------------------------------------
@@ -80,17 +74,11 @@ class _SpatialKernelImpl:
         return (x.contiguous(),) + tuple(acc_operand(t, x) for t in (conv_weight, bn_weight, bn_bias, running_mean, running_var))
 
     def forward(self, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only):
-        if empty_batch(x):
-            return _SpatialRefImpl.forward(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-                                           use_batch_stats, eps, gate_only)
         operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
         return list(self.fwd(*operands, use_batch_stats, eps, gate_only))
 
     def backward(self, grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                  use_batch_stats, eps, gate_only):
-        if empty_batch(x):
-            return _SpatialRefImpl.backward(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean,
-                                            running_var, use_batch_stats, eps, gate_only)
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         operands = self._operands(x, conv_weight, bn_weight, bn_bias, running_mean, running_var)
         grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), *operands, use_batch_stats, eps, gate_only,
@@ -120,13 +108,9 @@ class _ChannelKernelImpl:
         self.fwd, self.bwd = fwd, bwd
 
     def forward(self, x, fc1_weight, fc2_weight, gate_only):
-        if empty_batch(x):
-            return _ChannelRefImpl.forward(x, fc1_weight, fc2_weight, gate_only)
         return list(self.fwd(x.contiguous(), acc_operand(fc1_weight, x), acc_operand(fc2_weight, x), gate_only))
 
     def backward(self, grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only):
-        if empty_batch(x):
-            return _ChannelRefImpl.backward(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only)
         grad = grad.to(acc_dtype(x) if gate_only else x.dtype).contiguous()
         grads = self.bwd(grad, pooled.contiguous(), argmax.contiguous(), x.contiguous(), acc_operand(fc1_weight, x),
                          acc_operand(fc2_weight, x), gate_only, None)
@@ -270,7 +254,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, train
 
 def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
     use_batch_stats = validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum)
-    backend = resolve(HFF_SPATIAL_ATTENTION, x.device)
+    backend = empty_batch_to_ref(resolve(HFF_SPATIAL_ATTENTION, x.device), x)
     y, mean, var, _, _ = _spatial_fwd(
         x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, float(eps), backend, gate_only
     )
@@ -375,7 +359,7 @@ def validate_channel(x, fc1_weight, fc2_weight, name="x"):
 
 def _channel(x, fc1_weight, fc2_weight, gate_only):
     w1, w2 = validate_channel(x, fc1_weight, fc2_weight)
-    return _channel_fwd(x, w1, w2, resolve(HFF_CHANNEL_ATTENTION, x.device), gate_only)[0]
+    return _channel_fwd(x, w1, w2, empty_batch_to_ref(resolve(HFF_CHANNEL_ATTENTION, x.device), x), gate_only)[0]
 
 
 def hff_channel_attention(x, fc1_weight, fc2_weight):

@@ -12,15 +12,8 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import vjp
-from .hff_attention import (
-    acc_operand,
-    empty_batch,
-    restore_grad,
-    update_running_stats,
-    validate_channel,
-    validate_spatial,
-)
+from ._common import empty_batch_to_ref, vjp
+from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
 from .hff_attention_ref import acc_dtype, channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
 from .hff_attention_tail_ref import hff_attention_tail_ref
 from .hff_fused_tail import validate_tail
@@ -65,9 +58,6 @@ class _KernelImpl:
 
     def forward(self, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, bn_eps,
                 fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
-        if empty_batch(l):
-            return _RefImpl.forward(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-                                    use_batch_stats, bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps)
         l, g, x_f = l.contiguous(), g.contiguous(), x_f.contiguous()
         sg, batch_mean, batch_var, sp_pooled, sp_argmax = self.spatial_fwd(
             l, *self._small(l, conv_weight, bn_weight, bn_bias, running_mean, running_var), use_batch_stats, bn_eps, True)
@@ -77,9 +67,6 @@ class _KernelImpl:
 
     def backward(self, dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                  use_batch_stats, bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps):
-        if empty_batch(l):
-            return _RefImpl.backward(dout, saved, l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-                                     use_batch_stats, bn_eps, fc1_weight, fc2_weight, ln_weight, ln_bias, ln_eps)
         sp_pooled, sp_argmax, ch_pooled, ch_argmax, sg, cg, mean, rstd = saved
         l, g, x_f = l.contiguous(), g.contiguous(), x_f.contiguous()
         ln = self._small(l, ln_weight, ln_bias)
@@ -209,7 +196,7 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
                                        momentum, name="l")
     w1, w2 = validate_channel(g, fc1_weight, fc2_weight, name="g")
     validate_tail(l, g, x_f, ln_weight, ln_bias)
-    backend = resolve(HFF_ATTENTION_TAIL, l.device)
+    backend = empty_batch_to_ref(resolve(HFF_ATTENTION_TAIL, l.device), l)
     out, batch_mean, batch_var, *_ = _fwd(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                                           use_batch_stats, float(bn_eps), w1, w2, ln_weight, ln_bias, float(ln_eps),
                                           backend)
