@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.medkernels-build-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: all venv build test bench bench-full bench-readme bench-pytest clean
+.PHONY: all venv build bench-build test bench bench-full bench-readme bench-pytest clean
 
 all: test
 
@@ -51,6 +51,29 @@ $(BUILD_STAMP): $(BUILD_INPUTS) | venv
 	echo "make: build took $$(( $$(date +%s) - start ))s"
 	@touch $(BUILD_STAMP)
 
+# Without a GPU the benchmarks cannot run CUDA kernels, so `make bench` there builds only the C++ CPU kernels
+# (minutes instead of a quarter of an hour of nvcc), unless a full build is already up to date.  The CPU-only
+# build replaces the full one in place, so it drops the full build's stamp.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+BUILD_STAMP_CPU := $(VENV)/.medkernels-build-stamp-cpu
+
+$(BUILD_STAMP_CPU): $(BUILD_INPUTS) | venv
+	@start=$$(date +%s); \
+	echo "make: no GPU: building medkernels with the C++ CPU kernels only (MAX_JOBS=$(MAX_JOBS))"; \
+	rm -f $(BUILD_STAMP); \
+	MEDKERNELS_BUILD_CUDA=0 MAX_JOBS="$(MAX_JOBS)" $(PIP) install --no-build-isolation --no-deps -e .; \
+	echo "make: build took $$(( $$(date +%s) - start ))s"
+	@touch $(BUILD_STAMP_CPU)
+
+bench-build: venv
+	@if [ -n "$(HAS_GPU)" ]; then \
+		$(MAKE) --no-print-directory build; \
+	elif [ -f $(BUILD_STAMP) ] && [ -z "$$(find $(BUILD_INPUTS) -newer $(BUILD_STAMP))" ]; then \
+		echo "make: using the up-to-date full build"; \
+	else \
+		$(MAKE) --no-print-directory $(BUILD_STAMP_CPU); \
+	fi
+
 test: build
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		echo "make: GPU found, running Triton kernels on it"; \
@@ -62,12 +85,12 @@ test: build
 
 # The quick suite (a few minutes on a 2-core CPU): prints the tables, writes
 # benchmarks/results/<device>.json and the .png beside it.  BENCH_ARGS passes options through.
-bench: build
+bench: bench-build
 	$(PIP) install --quiet -r requirements-bench.txt
 	$(PY) -m medkernels.bench $(BENCH_ARGS)
 
 # Every stage shape, larger batches and torch.compile: meant for a GPU machine (hours on a small CPU).
-bench-full: build
+bench-full: bench-build
 	$(PIP) install --quiet -r requirements-bench.txt
 	$(PY) -m medkernels.bench --full $(BENCH_ARGS)
 
@@ -76,11 +99,11 @@ bench-readme: venv
 	$(PY) -m medkernels.bench --readme-from $(wildcard benchmarks/results/*.json) --update-readme README.md
 
 # The op micro-benchmarks as a pytest-benchmark suite (kept out of `make test`).
-bench-pytest: build
+bench-pytest: bench-build
 	$(PIP) install --quiet -r requirements-bench.txt
 	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(BUILD_STAMP)
+	rm -rf build dist *.egg-info .pytest_cache $(BUILD_STAMP) $(BUILD_STAMP_CPU)
 	find medkernels -name '_C*.so' -delete
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -223,7 +223,7 @@ struct VecActivation {
       z = z * d;
     } else if constexpr (A == DwAct::kRelu) {
       V zero{};
-      z = z > zero ? z : zero;
+      z = z <= zero ? zero : z;  // NaN stays NaN, as torch.relu
     }
   }
 };
@@ -250,7 +250,7 @@ struct VecActivationGrad {
       z = u + u * (z - z * s);
     } else if constexpr (A == DwAct::kRelu) {
       V zero{};
-      z = z > zero ? g : zero;
+      z = z <= zero ? zero : g;  // NaN z passes g, as dw_activation_grad
     } else {
       z = g;
     }

@@ -6,7 +6,7 @@
 //   none  z                                    1
 //   silu  z * sigmoid(z)                       s * (1 + z * (1 - s)),  s = sigmoid(z)
 //   gelu  z / 2 * (1 + erf(z / sqrt(2)))       (1 + erf(z / sqrt(2))) / 2 + z * exp(-z^2 / 2) / sqrt(2 pi)
-//   relu  max(z, 0)                            1 if z > 0 else 0 (as torch's threshold_backward)
+//   relu  max(z, 0), NaN for NaN               0 if z <= 0 else 1 (as torch's threshold_backward)
 //
 // LayerNorm over the C channels of one pixel (biased variance, eps inside the square root):
 //   xhat_c = (z_c - mean) * rstd,  rstd = 1 / sqrt(var + eps),  out_c = xhat_c * gamma_c + beta_c
@@ -80,7 +80,7 @@ MK_HOST_DEVICE inline acc_t dw_activation(acc_t z) {
   } else if constexpr (A == DwAct::kGelu) {
     return acc_t(0.5) * z * (acc_t(1) + M::template erf<acc_t>(z * acc_t(0.70710678118654752440)));
   } else if constexpr (A == DwAct::kRelu) {
-    return z > acc_t(0) ? z : acc_t(0);
+    return z <= acc_t(0) ? acc_t(0) : z;  // NaN stays NaN, as torch.relu
   } else {
     return z;
   }
@@ -96,7 +96,7 @@ MK_HOST_DEVICE inline acc_t dw_activation_grad(acc_t z) {
     const acc_t pdf = M::template exp<acc_t>(acc_t(-0.5) * z * z) * acc_t(0.39894228040143267794);
     return cdf + z * pdf;
   } else if constexpr (A == DwAct::kRelu) {
-    return z > acc_t(0) ? acc_t(1) : acc_t(0);
+    return z <= acc_t(0) ? acc_t(0) : acc_t(1);
   } else {
     return acc_t(1);
   }

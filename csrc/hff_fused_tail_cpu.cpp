@@ -44,6 +44,7 @@ constexpr int64_t kMaxTile = 512;
 constexpr int64_t kMinTasks = 8;
 
 int64_t tail_tile(int64_t batch, int64_t channels, int64_t pixels, int64_t acc_size) {
+  if (batch <= 0 || pixels <= 0) return 8;  // nothing to compute (an empty batch): any tile, no division by zero
   const int64_t fit = pixels <= kWholeImage
                           ? pixels
                           : std::min(kMaxTile, std::max(kMinTile, kBufferBytes / std::max<int64_t>(1, channels * acc_size)));

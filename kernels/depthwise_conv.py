@@ -52,7 +52,7 @@ def _activation(z, ACT: tl.constexpr):
     elif ACT == 2:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        y = tl.where(z > 0.0, z, 0.0)
+        y = tl.where(z <= 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
     else:
         y = z
     return y
@@ -68,7 +68,7 @@ def _activation_grad(z, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         d = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 3:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        d = tl.where(z <= 0.0, 0.0, 1.0)
     else:
         d = tl.full(z.shape, 1.0, z.dtype)
     return d

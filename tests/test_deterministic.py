@@ -47,9 +47,38 @@ def _cross_case(device):
     return {"x": x}, lambda: ops.cross_merge(ops.cross_scan(x).reshape(2, 4, 3, 5, 4))
 
 
-CASES = {"selective_scan": _scan_case, "ss2d_scan": _ss2d_case, "cross_scan_merge": _cross_case}
+def _depthwise_case(device):
+    g = torch.Generator().manual_seed(3)
+    t = dict(x=torch.randn(2, 5, 9, 7, generator=g).to(memory_format=torch.channels_last),
+             weight=torch.randn(5, 1, 3, 3, generator=g), bias=torch.randn(5, generator=g))
+    t = {k: v.to(device).requires_grad_() for k, v in t.items()}
+    return t, lambda: ops.depthwise_conv2d(**t, activation="silu")
+
+
+def _depthwise_layernorm_case(device):
+    g = torch.Generator().manual_seed(4)
+    t = dict(x=torch.randn(2, 5, 9, 7, generator=g), weight=torch.randn(5, 1, 3, 3, generator=g),
+             bias=torch.randn(5, generator=g), ln_weight=torch.randn(5, generator=g), ln_bias=torch.randn(5, generator=g))
+    t = {k: v.to(device).requires_grad_() for k, v in t.items()}
+    return t, lambda: ops.depthwise_conv2d_layernorm(**t)
+
+
+def _hff_tail_case(device):
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = dict(l=r(2, 3, 6, 5), g=r(2, 4, 6, 5), x_f=r(2, 2, 6, 5), conv_weight=r(1, 2, 7, 7), bn_weight=r(1),
+             bn_bias=r(1), fc1_weight=r(2, 4), fc2_weight=r(4, 2), ln_weight=r(9), ln_bias=r(9))
+    t = {k: v.to(device).requires_grad_() for k, v in t.items()}
+    stats = [torch.zeros(1, device=device), torch.ones(1, device=device)]
+    return t, lambda: ops.hff_attention_tail(**t, running_mean=stats[0], running_var=stats[1], training=True)
+
+
+CASES = {"selective_scan": _scan_case, "ss2d_scan": _ss2d_case, "cross_scan_merge": _cross_case,
+         "depthwise_conv2d": _depthwise_case, "depthwise_conv2d_layernorm": _depthwise_layernorm_case,
+         "hff_attention_tail": _hff_tail_case}
 OPS_OF_CASE = {"selective_scan": ("selective_scan",), "ss2d_scan": ("ss2d_scan",),
-               "cross_scan_merge": ("cross_scan", "cross_merge")}
+               "cross_scan_merge": ("cross_scan", "cross_merge"), "depthwise_conv2d": ("depthwise_conv2d",),
+               "depthwise_conv2d_layernorm": ("depthwise_conv2d_layernorm",), "hff_attention_tail": ("hff_attention_tail",)}
 
 
 def _run(case, device):

@@ -54,8 +54,27 @@ def _hff_channel():
     return [x, w1, w2], lambda: ops.hff_channel_attention(x, w1, w2)
 
 
+def _depthwise_layernorm():
+    g = torch.Generator().manual_seed(2)
+    leaves = [torch.randn(2, 4, 9, 7, generator=g), torch.randn(4, 1, 3, 3, generator=g), torch.randn(4, generator=g),
+              torch.randn(4, generator=g), torch.randn(4, generator=g)]
+    leaves = [t.requires_grad_() for t in leaves]
+    return leaves, lambda: ops.depthwise_conv2d_layernorm(*leaves)
+
+
+def _hff_tail():
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_()  # noqa: E731
+    l, g_, x_f, cw, bw, bb, w1, w2, lnw, lnb = r(2, 3, 6, 5), r(2, 4, 6, 5), r(2, 2, 6, 5), r(1, 2, 7, 7), r(1), r(1), \
+        r(2, 4), r(4, 2), r(9), r(9)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    return [l, g_, x_f, cw, bw, bb, w1, w2, lnw, lnb], lambda: ops.hff_attention_tail(
+        l, g_, x_f, cw, bw, bb, rm, rv, True, w1, w2, lnw, lnb)
+
+
 CASES = {"selective_scan": _scan, "ss2d_scan": _ss2d, "cross_scan_merge": _cross, "depthwise_conv2d": _depthwise,
-         "hff_spatial_attention": _hff_spatial, "hff_channel_attention": _hff_channel}
+         "depthwise_conv2d_layernorm": _depthwise_layernorm, "hff_spatial_attention": _hff_spatial,
+         "hff_channel_attention": _hff_channel, "hff_attention_tail": _hff_tail}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -456,7 +456,25 @@ class HFFBlock(nn.Module):
         return (bn.weight, bn.bias, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
                 use_batch_stats, momentum, bn.eps)
 
+    def _check_inputs(self, l, g, f):
+        for name, t, channels in (("l", l, self.W_l.in_dim), ("g", g, self.W_g.in_dim)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != channels:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"HFFBlock: {name} must have shape (batch, {channels}, H, W), got {shape}")
+        if (g.shape[0], *g.shape[2:]) != (l.shape[0], *l.shape[2:]):
+            raise ValueError(f"HFFBlock: l and g must have the same batch and spatial size, got {tuple(l.shape)} and {tuple(g.shape)}")
+        if f is not None:
+            b, _, h, w = l.shape
+            ok = isinstance(f, torch.Tensor) and f.dim() == 4
+            # the 2x2 average pooling floors: 2H + 1 rows pool to H as well
+            ok = ok and (f.shape[0], f.shape[1], f.shape[2] // 2, f.shape[3] // 2) == (b, self.Updim.in_dim, h, w)
+            if not ok:
+                shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ValueError(f"HFFBlock: f must have shape (batch, ch_int // 2, 2H, 2W) = "
+                                 f"{(b, self.Updim.in_dim, 2 * h, 2 * w)}, got {shape}")
+
     def forward(self, l, g, f=None):
+        self._check_inputs(l, g, f)
         w_local = self.W_l(l)
         w_global = self.W_g(g)
         if f is not None:

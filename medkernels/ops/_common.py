@@ -2,6 +2,8 @@
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The GPU kernels compute element offsets in 32 bits: every tensor an op reads or writes is refused at this size.
+MAX_ELEMENTS = 2**31 - 1
 
 
 def check_tensor(t, name, ndim=None, dtypes=FLOAT_DTYPES, optional=False):
@@ -19,6 +21,25 @@ def check_tensor(t, name, ndim=None, dtypes=FLOAT_DTYPES, optional=False):
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    check_size(t.numel(), name, tuple(t.shape))
+    if t.numel():
+        span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+        if span > MAX_ELEMENTS:
+            raise ValueError(f"{name} spans {span} elements of memory (shape {tuple(t.shape)}, strides {t.stride()}): "
+                             f"more than 2**31 - 1, which the kernels' 32-bit offsets cannot address; pass a compact copy")
+
+
+def empty_batch_to_ref(backend, x):
+    """The backend to run: an empty batch has nothing to compute, so it goes to the reference, which gives
+    the empty output and gradients for every shape (the kernels assume at least one image)."""
+    return "ref" if x.shape[0] == 0 else backend
+
+
+def check_size(numel, name, shape):
+    """Refuse a tensor (an input, or an output about to be allocated) of 2**31 elements or more."""
+    if numel > MAX_ELEMENTS:
+        raise ValueError(f"{name} of shape {shape} has {numel} elements: more than 2**31 - 1, which the kernels' "
+                         f"32-bit offsets cannot address")
 
 
 def check_shape(t, name, shape, contract):

@@ -8,7 +8,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_tensor
+from ._common import check_size, check_tensor
 from .cross_scan_ref import cross_merge_ref, cross_scan_ref
 
 CROSS_SCAN = OpTable("cross_scan", ref=cross_scan_ref)
@@ -66,6 +66,8 @@ def cross_scan(x):
     """x: ``(B, C, H, W)`` -> ``(B, 4, C, H*W)``: the row-major, column-major, reversed row-major and
     reversed column-major scans of every channel, exactly as MedMamba's SS2D builds them."""
     check_tensor(x, "x", ndim=4)
+    b, c, h, w = x.shape
+    check_size(4 * x.numel(), "the output", (b, 4, c, h * w))
     return _cross_scan(x, resolve(CROSS_SCAN, x.device))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_same_device, check_tensor, eager_plain, vjp
+from ._common import check_same_device, check_size, check_tensor, eager_plain, vjp
 from .depthwise_conv_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
 
 MAX_KERNEL = 31
@@ -134,6 +134,8 @@ def validate_conv(x, weight, bias, stride, padding):
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=4)
     channels = x.shape[1]
+    if channels == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight must have shape (C, 1, k, k) with C = {channels}, got {tuple(weight.shape)}")
     k = weight.shape[-1]
@@ -156,6 +158,8 @@ def validate_conv(x, weight, bias, stride, padding):
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
     if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
         raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the kernel {k}")
+    out_shape = (x.shape[0], channels, _out_size(x.shape[2], k, stride, padding), _out_size(x.shape[3], k, stride, padding))
+    check_size(out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3], "the output", out_shape)
     return padding
 
 

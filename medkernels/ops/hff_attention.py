@@ -14,7 +14,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_same_device, check_tensor, vjp
+from ._common import check_same_device, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention_ref import (
     acc_dtype,
     channel_pool_ref,
@@ -249,7 +249,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, train
 
 def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
     use_batch_stats = validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum)
-    backend = resolve(HFF_SPATIAL_ATTENTION, x.device)
+    backend = empty_batch_to_ref(resolve(HFF_SPATIAL_ATTENTION, x.device), x)
     y, mean, var, _, _ = _spatial_fwd(
         x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, float(eps), backend, gate_only
     )
@@ -354,7 +354,7 @@ def validate_channel(x, fc1_weight, fc2_weight, name="x"):
 
 def _channel(x, fc1_weight, fc2_weight, gate_only):
     w1, w2 = validate_channel(x, fc1_weight, fc2_weight)
-    return _channel_fwd(x, w1, w2, resolve(HFF_CHANNEL_ATTENTION, x.device), gate_only)[0]
+    return _channel_fwd(x, w1, w2, empty_batch_to_ref(resolve(HFF_CHANNEL_ATTENTION, x.device), x), gate_only)[0]
 
 
 def hff_channel_attention(x, fc1_weight, fc2_weight):

@@ -12,7 +12,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import vjp
+from ._common import empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
 from .hff_attention_ref import acc_dtype, channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
 from .hff_attention_tail_ref import hff_attention_tail_ref
@@ -197,7 +197,7 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
                                        momentum, name="l")
     w1, w2 = validate_channel(g, fc1_weight, fc2_weight, name="g")
     validate_tail(l, g, x_f, ln_weight, ln_bias)
-    backend = resolve(HFF_ATTENTION_TAIL, l.device)
+    backend = empty_batch_to_ref(resolve(HFF_ATTENTION_TAIL, l.device), l)
     out, batch_mean, batch_var, *_ = _fwd(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                                           use_batch_stats, float(bn_eps), w1, w2, ln_weight, ln_bias, float(ln_eps),
                                           backend)

@@ -13,7 +13,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_same_device, check_tensor, vjp
+from ._common import check_same_device, check_size, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad
 from .hff_attention_ref import acc_dtype
 from .hff_fused_tail_ref import hff_fused_tail_ref
@@ -132,6 +132,7 @@ def validate_tail(l, g, x_f, ln_weight, ln_bias, spatial_gate=None, channel_gate
         raise ValueError(f"l must have at least one pixel, got shape {tuple(l.shape)}")
     C2 = g.shape[1]
     total = C1 + C2 + x_f.shape[1]
+    check_size(B * total * H * W, "the output (cat[g, l, x_f])", (B, total, H, W))
     checks = [("ln_weight", ln_weight, (total,), "(C1 + C2 + Ci,)"), ("ln_bias", ln_bias, (total,), "(C1 + C2 + Ci,)")]
     if spatial_gate is not None or channel_gate is not None:
         checks += [("spatial_gate", spatial_gate, (B, 1, H, W), "(B, 1, H, W)"),
@@ -155,5 +156,5 @@ def hff_fused_tail(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, ep
     Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in every tensor argument.
     """
     validate_tail(l, g, x_f, ln_weight, ln_bias, spatial_gate, channel_gate)
-    backend = resolve(HFF_FUSED_TAIL, l.device)
+    backend = empty_batch_to_ref(resolve(HFF_FUSED_TAIL, l.device), l)
     return _tail_fwd(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, float(eps), backend)[0]
