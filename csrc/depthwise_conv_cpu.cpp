@@ -23,6 +23,8 @@ struct ActEpilogue {
   const RowKernels<acc_t>* kern;
   int64_t n;  // Wo * C
   bool needs_z;
+  bool conv_fused;  // the convolution kernel applies the activation (RowKernels::conv_rows_act)
+  bool bwd_fused;   // the backward goes through RowKernels::bwd_rows
 
   void forward(const acc_t* z, acc_t* out) const { kern->act_forward(z, out, n); }
   void backward(const acc_t* z, const acc_t* g, acc_t* gz, acc_t*, bool) const { kern->act_backward(z, g, gz, n); }
@@ -127,18 +129,20 @@ void plane_forward_tasks(const PlaneProblem<T, acc_t>& P, int64_t t0, int64_t t1
     for (int64_t e = 0; e < kk; ++e) w[e] = static_cast<acc_t>(P.w[c * kk + e]);
     const acc_t bias = P.bias ? static_cast<acc_t>(P.bias[c]) : acc_t(0);
     T* plane = P.out + b * P.os.b + c * P.os.c;
+    const bool fused = P.kern.act_fused;
+    const auto conv = fused ? P.kern.conv_plane_act : P.kern.conv_plane;
     if (s == 1) {
       for (int64_t i = 0; i < k; ++i) rows[i] = buf.data() + i * pitch;
-      P.kern.conv_plane({rows, w.data(), bias, z.data(), flat, 1, 0, k});
-      P.kern.act_forward(z.data(), z.data(), padded_len(flat));
+      conv({rows, w.data(), bias, z.data(), flat, 1, 0, k});
+      if (!fused) P.kern.act_forward(z.data(), z.data(), padded_len(flat));
       for (int64_t oh = 0; oh < g.Ho; ++oh)
         store_plane_row(P.kern, z.data() + oh * pitch, plane + oh * P.os.h, g.Wo, P.os.w);
       continue;
     }
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       for (int64_t i = 0; i < k; ++i) rows[i] = buf.data() + (oh * s + i) * row_elems;
-      P.kern.conv_plane({rows, w.data(), bias, z.data(), g.Wo, s, phase_len, k});
-      P.kern.act_forward(z.data(), z.data(), padded_len(g.Wo));
+      conv({rows, w.data(), bias, z.data(), g.Wo, s, phase_len, k});
+      if (!fused) P.kern.act_forward(z.data(), z.data(), padded_len(g.Wo));
       store_plane_row(P.kern, z.data(), plane + oh * P.os.h, g.Wo, P.os.w);
     }
   }
@@ -251,7 +255,7 @@ at::Tensor depthwise_conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
       P.os = Strides(out);
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t t0, int64_t t1) { dwcpu::plane_forward_tasks(P, t0, t1); });
     } else {
-      const auto params = dwcpu::row_params<T, acc_t>(weight, a.has_bias ? &*bias : nullptr, g.C, g.k);
+      const auto params = dwcpu::row_params<T, acc_t>(weight, a.has_bias ? &*bias : nullptr, g.C, g.k, false);
       dwcpu::RowProblem<T, acc_t> P;
       P.g = g;
       P.kern = kern;
@@ -260,7 +264,7 @@ at::Tensor depthwise_conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
       P.xs = Strides(x);
       P.out = out.mutable_data_ptr<T>();
       P.os = Strides(out);
-      const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * g.C, act != DwAct::kNone};
+      const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * g.C, act != DwAct::kNone, P.kern.act_fused, false};
       at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t r0, int64_t r1) { dwcpu::rows_forward(P, epi, r0, r1); });
     }
   });
@@ -321,7 +325,7 @@ std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, const a
         P.gs = Strides(grad);
         P.gx = gx.mutable_data_ptr<T>();
         P.gxs = Strides(gx);
-        const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * C, act != DwAct::kNone};
+        const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * C, act != DwAct::kNone, false, P.kern.bwd_fused};
         const int64_t ntasks = g.B * dwcpu::band_count(g), stride_t = (kk + 1) * C;
         std::vector<acc_t> part(ntasks * stride_t);
         at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {

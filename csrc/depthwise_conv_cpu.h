@@ -44,6 +44,10 @@ using dwconv::kMaxKernel;
 
 // Output rows per backward task of the row walk.
 constexpr int64_t kBandRows = 16;
+// Interior outputs a forward row needs before the input is read in place rather than copied (rows_forward):
+// the in-place reads pay for the split into three kernel calls from a handful of outputs on (7 and 14 wide
+// rows: about 10% faster than copying them, float32 channels-last at HiFuse / MedMamba's shapes).
+constexpr int64_t kMinDirectOutputs = 4;
 
 // Element (b, c, h, w) of a 4-D tensor lives at b * b_ + c * c_ + h * h_ + w * w_.
 struct Strides {
@@ -55,14 +59,15 @@ struct Strides {
 // ------------------------------------------------------------------------------------------------------
 // Vector row kernels (depthwise_conv_cpu_kernels.cpp), picked once per call for the CPU's ISA.
 
-// Channels-last rows: out[o, c] = init[c] + sum_{i, j} w[i * k + j, c] * rows[i][(o * s + j) * C + c], o < n.
+// Channels-last rows: out[o, c] = init[c] + sum_{i, j} w[i * k + j, c] * rows[i][(o * s + j) * ps + c], o < n;
+// ps is the pixel stride of the source rows (C for the padded row buffers).
 template <typename acc_t>
 struct ConvRowsArgs {
   const acc_t* const* rows;
   const acc_t* w;     // (k * k, C)
   const acc_t* init;  // (C,)
   acc_t* out;         // (n, C)
-  int64_t n, C, s, k;
+  int64_t n, C, s, k, ps;
 };
 
 // One plane row: out[o] = init + sum_{i, j} w[i * k + j] * rows[i][(j % s) * phase_len + j / s + o], o < n.
@@ -96,6 +101,19 @@ struct GradsPlaneArgs {
   int64_t n, s, phase_len, k;
 };
 
+// One output row of the activation's backward, fused (RowKernels::bwd_rows): per channel vector, the
+// pre-activation z = conv (conv.rows, conv.w, conv.init) of conv.n outputs goes to conv.out (pixel stride C),
+// is replaced there by d loss / d z = g * act'(z), and when gw is non-null the parameter gradients of the
+// row are added as by grads_rows (gw (k * k, C), gb (C,)): the channel vector's data stays in L1 throughout.
+// g: the gradient of the activation's output, (n, C) at pixel stride C. conv.ps must be C.
+template <typename acc_t>
+struct BwdRowsArgs {
+  ConvRowsArgs<acc_t> conv;
+  const acc_t* g;
+  acc_t* gw;
+  acc_t* gb;
+};
+
 // LayerNorm over the C channels of each of n pixels (rows (n, C)); gamma, beta (C,).
 template <typename acc_t>
 struct LayerNormArgs {
@@ -109,7 +127,15 @@ template <typename acc_t>
 struct RowKernels {
   void (*conv_rows)(const ConvRowsArgs<acc_t>&);
   void (*conv_plane)(const ConvPlaneArgs<acc_t>&);
+  // The same with the activation applied before the store, when act_fused (float, activation other than
+  // GELU); else act_forward runs on the stored rows.
+  bool act_fused;
+  void (*conv_rows_act)(const ConvRowsArgs<acc_t>&);
+  void (*conv_plane_act)(const ConvPlaneArgs<acc_t>&);
   void (*grads_rows)(const GradsRowsArgs<acc_t>&);
+  // Set with bwd_fused (float; SiLU or ReLU): the fused backward row kernel (BwdRowsArgs).
+  bool bwd_fused;
+  void (*bwd_rows)(const BwdRowsArgs<acc_t>&);
   void (*grads_plane)(const GradsPlaneArgs<acc_t>&);
   // out[e] = act(z[e]); in place when out == z.
   void (*act_forward)(const acc_t* z, acc_t* out, int64_t n);
@@ -198,16 +224,18 @@ inline void store_row(const RowKernels<acc_t>& kern, const acc_t* src, T* t, con
   }
 }
 
-// Input row ih of image b as a zero-padded channels-last row (padded_cols, C).
+// Padded columns [c0, c1) of input row ih of image b, into the channels-last row dst (padded_cols, C): input
+// column q - p at padded column q, zeros outside the image.
 template <typename T, typename acc_t>
-inline void load_input_row(const RowKernels<acc_t>& kern, const T* x, const Strides& st, const Geometry& g,
-                           int64_t b, int64_t ih, acc_t* dst) {
-  const int64_t C = g.C, cols = g.padded_cols();
-  const int64_t lead = std::min(g.p, cols);
-  const int64_t n = std::max<int64_t>(0, std::min(g.W, cols - g.p));  // input columns that are read
-  std::fill(dst, dst + lead * C, acc_t(0));
-  std::fill(dst + (lead + n) * C, dst + cols * C, acc_t(0));
-  load_row(kern, x, st, C, n, b, ih, dst + lead * C);
+inline void load_padded_cols(const RowKernels<acc_t>& kern, const T* x, const Strides& st, const Geometry& g,
+                             int64_t b, int64_t ih, int64_t c0, int64_t c1, acc_t* dst) {
+  const int64_t C = g.C;
+  // the columns inside the image: [a0, a1) within [c0, c1)
+  const int64_t a0 = std::clamp<int64_t>(g.p, c0, c1);
+  const int64_t a1 = std::clamp<int64_t>(g.p + g.W, a0, c1);
+  std::fill(dst + c0 * C, dst + a0 * C, acc_t(0));
+  if (a1 > a0) load_row(kern, x + (a0 - g.p) * st.w, st, C, a1 - a0, b, ih, dst + a0 * C);
+  std::fill(dst + a1 * C, dst + c1 * C, acc_t(0));
 }
 
 // A ring of `slots` rows of `row_elems` values, each tagged with the row it holds.
@@ -236,25 +264,25 @@ inline void reduce_partials(const acc_t* part, int64_t ntasks, int64_t stride, i
 }
 
 // The parameters in acc_t: weights (C, 1, k, k) as wt (k * k, C) and flipped (wflip[i, j] = w[k-1-i, k-1-j],
-// for the input gradient), bias (C,) (zeros when absent).
+// for the input gradient; left empty when `flipped` is false, as the forward needs none), bias (C,) (zeros
+// when absent).
 template <typename acc_t>
 struct RowParams {
   std::vector<acc_t> wt, wflip, bias, zeros;
 };
 
 template <typename T, typename acc_t>
-inline RowParams<acc_t> row_params(const at::Tensor& weight, const at::Tensor* bias, int64_t C, int64_t k) {
+inline RowParams<acc_t> row_params(const at::Tensor& weight, const at::Tensor* bias, int64_t C, int64_t k,
+                                   bool flipped = true) {
   RowParams<acc_t> r;
   const int64_t kk = k * k;
   const T* w = weight.const_data_ptr<T>();
   r.wt.resize(kk * C);
-  r.wflip.resize(kk * C);
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < kk; ++t) {
-      const acc_t v = static_cast<acc_t>(w[c * kk + t]);
-      r.wt[t * C + c] = v;
-      r.wflip[(kk - 1 - t) * C + c] = v;
-    }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < kk; ++t) r.wt[t * C + c] = static_cast<acc_t>(w[c * kk + t]);
+  if (flipped) {
+    r.wflip.resize(kk * C);
+    for (int64_t t = 0; t < kk; ++t) std::copy_n(r.wt.data() + t * C, C, r.wflip.data() + (kk - 1 - t) * C);
   }
   r.bias.assign(C, acc_t(0));
   if (bias != nullptr) {
@@ -283,34 +311,57 @@ struct RowProblem {
   Strides gxs;
 };
 
-// The padded input rows read by output row oh of image b (a shared zero row outside the image).
+// The padded input rows read by output row oh of image b (a shared zero row outside the image), loaded into
+// the ring as needed: padded columns [0, c0) and [c1, padded_cols) of each row (all of them when c0 >= c1).
 template <typename T, typename acc_t>
 inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, const acc_t* zero_row, int64_t b,
-                       int64_t oh, const acc_t** rows) {
+                       int64_t oh, const acc_t** rows, int64_t c0 = 0, int64_t c1 = 0) {
   const Geometry& g = P.g;
+  const int64_t cols = g.padded_cols();
   for (int64_t i = 0; i < g.k; ++i) {
     const int64_t ih = oh * g.s - g.p + i;
     if (ih < 0 || ih >= g.H) {
       rows[i] = zero_row;
       continue;
     }
+    acc_t* row = ring.slot(ih);
     if (!ring.holds(ih)) {
-      load_input_row(P.kern, P.x, P.xs, g, b, ih, ring.slot(ih));
+      if (c0 >= c1) {
+        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, cols, row);
+      } else {
+        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, c0, row);
+        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, c1, cols, row);
+      }
       ring.mark(ih);
     }
-    rows[i] = ring.slot(ih);
+    rows[i] = row;
   }
 }
 
-// Forward over flattened output rows [r0, r1) (r = b * Ho + oh): z = conv + bias (a channels-last (Wo, C)
-// row), then epi.forward(z, out) writes the epilogue's result straight into P.out when its rows can take it,
-// else in place before the row is stored.
+// Forward over flattened output rows [r0, r1) (r = b * Ho + oh): z = conv + bias (a channels-last (Wo, C) row,
+// written straight into P.out when its rows can take it), then the epilogue in place (unless the convolution
+// kernel applied it: epi.conv_fused), then the row is stored to P.out if it was not written there.
+//
+// With the input of the computing type and its channels contiguous, the outputs whose taps all fall inside the
+// image read x in place; only the few border outputs go through padded copies of the columns they read.
 template <typename T, typename acc_t, typename Epi>
 inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t r0, int64_t r1) {
   const Geometry& g = P.g;
-  RowRing<acc_t> ring(g.k, g.padded_cols() * g.C);
-  std::vector<acc_t> z(g.Wo * g.C), zero_row(g.padded_cols() * g.C, acc_t(0));
+  const int64_t C = g.C, k = g.k, s = g.s, cols = g.padded_cols();
+  // interior outputs [lo, hi): 0 <= ow * s - p and ow * s - p + k - 1 < W; worth reading in place when there
+  // are enough of them to amortise the split into three kernel calls
+  const int64_t lo = std::min(g.Wo, ceil_div(g.p, s));
+  int64_t hi = std::max(lo, std::min(g.Wo, dwconv::floor_div(g.W - k + g.p, s) + 1));
+  const bool direct = std::is_same_v<T, acc_t> && P.xs.c == 1 && hi - lo >= kMinDirectOutputs;
+  if (!direct) hi = lo;
+  const int64_t ps = direct ? std::max<int64_t>(P.xs.w, C) : C;
+  RowRing<acc_t> ring(k, cols * C);
+  std::vector<acc_t> z(g.Wo * C), zero_row(cols * ps, acc_t(0));
   const acc_t* rows[kMaxKernel];
+  const acc_t* inner[kMaxKernel];
+  const auto conv = epi.conv_fused ? P.kern.conv_rows_act : P.kern.conv_rows;
+  const acc_t* wt = P.params->wt.data();
+  const acc_t* bias = P.params->bias.data();
   int64_t cur_b = -1;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / g.Ho, oh = r % g.Ho;
@@ -318,14 +369,29 @@ inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t 
       ring.reset();
       cur_b = b;
     }
-    input_rows(P, ring, zero_row.data(), b, oh, rows);
-    P.kern.conv_rows({rows, P.params->wt.data(), P.params->bias.data(), z.data(), g.Wo, g.C, g.s, g.k});
-    if (row_in_place<T, acc_t>(P.os, g.C)) {
-      epi.forward(z.data(), reinterpret_cast<acc_t*>(P.out + b * P.os.b + oh * P.os.h));
+    const bool in_place = row_in_place<T, acc_t>(P.os, C);
+    acc_t* dst = in_place ? reinterpret_cast<acc_t*>(P.out + b * P.os.b + oh * P.os.h) : z.data();
+    if (hi > lo) {
+      // border outputs read padded columns [0, (lo - 1) s + k) and [hi s, cols)
+      input_rows(P, ring, zero_row.data(), b, oh, rows, lo > 0 ? (lo - 1) * s + k : 0, hi * s);
+      if (lo > 0) conv({rows, wt, bias, dst, lo, C, s, k, C});
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t ih = oh * s - g.p + i;
+        const bool inside = ih >= 0 && ih < g.H;
+        inner[i] = inside ? reinterpret_cast<const acc_t*>(P.x + b * P.xs.b + ih * P.xs.h + (lo * s - g.p) * P.xs.w)
+                          : zero_row.data();
+      }
+      conv({inner, wt, bias, dst + lo * C, hi - lo, C, s, k, ps});
+      if (hi < g.Wo) {
+        for (int64_t i = 0; i < k; ++i) rows[i] += hi * s * C;
+        conv({rows, wt, bias, dst + hi * C, g.Wo - hi, C, s, k, C});
+      }
     } else {
-      epi.forward(z.data(), z.data());
-      store_row(P.kern, z.data(), P.out, P.os, g.C, g.Wo, b, oh);
+      input_rows(P, ring, zero_row.data(), b, oh, rows);
+      conv({rows, wt, bias, dst, g.Wo, C, s, k, C});
     }
+    if (!epi.conv_fused) epi.forward(dst, dst);
+    if (!in_place) store_row(P.kern, z.data(), P.out, P.os, C, g.Wo, b, oh);
   }
 }
 
@@ -351,7 +417,8 @@ inline int64_t band_count(const Geometry& g) {
 // Backward of band `band` of image b. part: this task's partial sums, gw (k * k, C) then gb (C,) then the
 // epilogue's own. epi.backward(z, grow, gz, extra, own) forms d loss / d z of one (Wo, C) row from the
 // pre-activation z (only computed when epi.needs_z) and the row's gradient grow, and adds its parameter
-// gradients to `extra` when `own`.
+// gradients to `extra` when `own`; or, when epi.bwd_fused, RowKernels::bwd_rows does the convolution, the
+// activation's backward and the parameter gradients of the row in one pass.
 template <typename T, typename acc_t, typename Epi>
 inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t b, int64_t band,
                                BackwardScratch<acc_t>& S, acc_t* part) {
@@ -385,9 +452,9 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
       }
       if (row_in_place<T, acc_t>(P.gxs, C)) {
         acc_t* dst = reinterpret_cast<acc_t*>(P.gx + b * P.gxs.b + next_ih * P.gxs.h);
-        P.kern.conv_rows({gz_rows, P.params->wflip.data(), P.params->zeros.data(), dst, g.W, C, 1, k});
+        P.kern.conv_rows({gz_rows, P.params->wflip.data(), P.params->zeros.data(), dst, g.W, C, 1, k, C});
       } else {
-        P.kern.conv_rows({gz_rows, P.params->wflip.data(), P.params->zeros.data(), S.gx.data(), g.W, C, 1, k});
+        P.kern.conv_rows({gz_rows, P.params->wflip.data(), P.params->zeros.data(), S.gx.data(), g.W, C, 1, k, C});
         store_row(P.kern, S.gx.data(), P.gx, P.gxs, C, g.W, b, next_ih);
       }
       ++next_ih;
@@ -397,8 +464,8 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
   for (int64_t oh = lo; oh <= hi; ++oh) {
     const bool own = oh >= oh0 && oh < oh1;
     input_rows(P, S.x_ring, S.zero_row.data(), b, oh, rows);
-    if (epi.needs_z) {
-      P.kern.conv_rows({rows, P.params->wt.data(), P.params->bias.data(), S.z.data(), g.Wo, C, s, k});
+    if (epi.needs_z && !epi.bwd_fused) {
+      P.kern.conv_rows({rows, P.params->wt.data(), P.params->bias.data(), S.z.data(), g.Wo, C, s, k, C});
     }
     const acc_t* grow = S.grow.data();
     if (row_in_place<T, acc_t>(P.gs, C)) {
@@ -410,8 +477,13 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
     // stride is 1, else through S.gz
     acc_t* drow = S.gz_ring.slot(oh);
     acc_t* gz = s == 1 ? drow + (k - 1) * C : S.gz.data();
-    epi.backward(S.z.data(), grow, gz, extra, own);
-    if (own) P.kern.grads_rows({rows, gz, gw, gb, g.Wo, C, s, k});
+    if (epi.bwd_fused) {
+      const ConvRowsArgs<acc_t> conv{rows, P.params->wt.data(), P.params->bias.data(), gz, g.Wo, C, s, k, C};
+      P.kern.bwd_rows({conv, grow, own ? gw : nullptr, gb});
+    } else {
+      epi.backward(S.z.data(), grow, gz, extra, own);
+      if (own) P.kern.grads_rows({rows, gz, gw, gb, g.Wo, C, s, k});
+    }
     if (s == 1) {
       std::fill(drow, gz, acc_t(0));
       std::fill(gz + g.Wo * C, drow + dcols * C, acc_t(0));

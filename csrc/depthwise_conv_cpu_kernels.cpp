@@ -1,9 +1,13 @@
-// Vector row kernels of the CPU depthwise convolution (contracts in depthwise_conv_cpu.h), written with
-// GCC/Clang vector types and compiled three times — baseline (16-byte vectors), AVX2 + FMA (32 bytes),
-// AVX-512 (64 bytes) — the best one for the CPU being picked at run time. Kernel sizes 3, 5 and 7 are
-// compile-time constants (taps fully unrolled, weights held in registers); other sizes take a generic path.
-// The activations and the LayerNorm loops use the formulas of depthwise_conv_math.h in `omp simd` loops,
-// which call libmvec's vector exp / erf.
+// Vector row kernels of the CPU depthwise convolution (contracts in depthwise_conv_cpu.h), written with GCC
+// vector types and compiled three times — baseline (16-byte vectors), AVX2 + FMA (32 bytes), AVX-512 (64
+// bytes) — the best one for the CPU being picked at run time. Kernel sizes 3, 5 and 7 are compile-time
+// constants (taps fully unrolled, weights held in registers; at stride 1 each input vector is loaded once for
+// the k outputs it feeds); other sizes take a generic path.
+//
+// Activations: for float, SiLU and ReLU are applied by the convolution kernels themselves (no extra pass over
+// memory), with an inline exp and reciprocal instead of library calls and divisions; GELU (erf) and float64
+// use the formulas of depthwise_conv_math.h in `omp simd` loops calling libmvec's vector exp / erf. The
+// LayerNorm loops are `omp simd` loops over the same header's formulas.
 
 #include <algorithm>
 #include <cstring>
@@ -23,7 +27,7 @@ extern "C" double erf(double) noexcept __attribute__((simd("notinbranch"), const
 #endif
 #endif
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(MEDKERNELS_DW_FORCE_GENERIC)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEDKERNELS_DW_FORCE_GENERIC)
 #define MK_DW_X86_DISPATCH 1
 #endif
 
@@ -73,6 +77,186 @@ MK_DW_INLINE S vsum(const V& v) {
   return out;
 }
 
+// ---- float exp and reciprocal without library calls or divisions, on a float or a vector of floats in place,
+// so that the activation loops become straight-line vector code.
+
+template <typename V>
+struct IntLanes {
+  typedef typename VecOf<int32_t, sizeof(V)>::type type;
+};
+template <>
+struct IntLanes<float> {
+  typedef int32_t type;
+};
+
+template <typename V>
+MK_DW_INLINE void vclamp(V& x, float lo, float hi) {
+  V l, h;
+  vbroadcast(l, lo);
+  vbroadcast(h, hi);
+  x = x > l ? x : l;  // the operand order of max / min instructions (NaN gives the bound)
+  x = x < h ? x : h;
+}
+
+// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (about 1 ulp).
+// x is clamped to [-87.33, 88.37] (n in [-126, 127]): below, the result is the smallest normal float
+// instead of a denormal or zero, which the activations cannot tell apart.
+template <typename V>
+MK_DW_INLINE void fast_exp_inplace(V& x) {
+  vclamp(x, -87.3365447f, 88.3762626f);
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| < 2^22
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V q = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  typename IntLanes<V>::type bits;
+  if constexpr (std::is_same_v<V, float>) {
+    bits = static_cast<int32_t>(n);
+  } else {
+    bits = __builtin_convertvector(n, typename IntLanes<V>::type);
+  }
+  bits = (bits + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  x = (q * r * r + r + 1.0f) * scale;
+}
+
+// 1 / v for v in [1, 2^125] (larger v are clamped: the sigmoid then gives 2^-125 instead of something
+// smaller, which the activations cannot tell apart): an initial guess from the exponent bits (within 13%),
+// then three Newton steps r <- r (2 - v r), each squaring the relative error (about 2 ulp in the end).
+template <typename V>
+MK_DW_INLINE void fast_recip_inplace(V& v) {
+  vclamp(v, 1.0f, 4.2535296e37f);
+  typename IntLanes<V>::type bits;
+  std::memcpy(&bits, &v, sizeof(V));
+  bits = 0x7EF311C3 - bits;
+  V r;
+  std::memcpy(&r, &bits, sizeof(V));
+  r = r * (2.0f - v * r);
+  r = r * (2.0f - v * r);
+  v = r * (2.0f - v * r);
+}
+
+// The CPU kernels' elementary functions for the shared formulas of depthwise_conv_math.h: the inline float
+// exp and reciprocal above, the C library (vectorised by libmvec) else.
+struct CpuMath {
+  template <typename acc_t>
+  static MK_DW_INLINE acc_t exp(acc_t v) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      fast_exp_inplace(v);
+      return v;
+    } else {
+      return dw_exp<acc_t>(v);
+    }
+  }
+  template <typename acc_t>
+  static MK_DW_INLINE acc_t erf(acc_t v) {
+    return dw_erf<acc_t>(v);
+  }
+  template <typename acc_t>
+  static MK_DW_INLINE acc_t recip(acc_t v) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      fast_recip_inplace(v);
+      return v;
+    } else {
+      return acc_t(1) / v;
+    }
+  }
+};
+
+// ---- the sigmoid on 16 floats with AVX-512 (the kernels' hot path for SiLU): about half the instructions of
+// the portable version above. Written with inline asm for the instructions GCC's vector extensions cannot
+// express (max, min, scalef, rcp14), which keeps the surrounding code ISA-generic: the asm only ever lands
+// in functions compiled for AVX-512 (IsaAvx512 below).
+//
+// e^-z for z clamped to [-88, 88]: n = round(-z / ln 2), s = z + n ln 2 (two-part ln 2, exact first product),
+// e^-s on |s| <= ln 2 / 2 by a degree-5 polynomial 1 - s + s^2 (c2 - c3 s + c4 s^2 - c5 s^3) (coefficients
+// fitted here for minimal relative error: 1.1e-7 in exact arithmetic, 1.8e-7 evaluated in float), times 2^n
+// by vscalefps. 1 / (1 + e^-z): vrcp14ps (relative error < 2^-14) and one Newton step (error ~2^-28 plus
+// rounding). NaN inputs: the clamp turns them into -88, and the caller's multiplication by z gives NaN.
+template <typename V>
+struct IsZmmFloat : std::false_type {};
+#ifdef MK_DW_X86_DISPATCH
+template <>
+struct IsZmmFloat<VecOf<float, 64>::type> : std::true_type {};
+#endif
+
+template <typename V>
+MK_DW_INLINE V zmm_sigmoid(const V& z) {
+  V lo, hi, zc, e, r;
+  vbroadcast(lo, -88.0f);
+  vbroadcast(hi, 88.0f);
+  asm("vmaxps %2, %1, %0" : "=v"(zc) : "v"(z), "v"(lo));  // max(z, lo); NaN gives lo
+  asm("vminps %2, %1, %0" : "=v"(zc) : "v"(zc), "v"(hi));
+  const V n = (zc * -1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| <= 127
+  V s = zc + n * 0.693359375f;
+  s = s + n * -2.12194440e-4f;
+  V p = s * -8.312525228e-3f + 4.189011455e-2f;
+  p = p * s - 1.666711420e-1f;
+  p = p * s + 4.999923110e-1f;
+  p = p * s - 1.0f;
+  p = p * s + 1.0f;
+  asm("vscalefps %2, %1, %0" : "=v"(e) : "v"(p), "v"(n));  // p * 2^n
+  const V d = e + 1.0f;
+  asm("vrcp14ps %1, %0" : "=v"(r) : "v"(d));
+  const V t = 1.0f - d * r;
+  return r + r * t;
+}
+
+// The activations that the float convolution kernels apply to each channel vector of outputs right after
+// computing it, while it is in L1 (no extra pass over memory): SiLU as dw_activation<kSilu> with CpuMath
+// states it, z * 1 / (1 + e^-z) (zmm_sigmoid with AVX-512); ReLU; none. GELU (erf) and float64 go through
+// act_forward afterwards.
+template <DwAct A>
+struct VecActivation {
+  template <typename V>
+  static MK_DW_INLINE void apply(V& z) {
+    if constexpr (A == DwAct::kSilu && IsZmmFloat<V>::value) {
+      z = z * zmm_sigmoid(z);
+    } else if constexpr (A == DwAct::kSilu) {
+      V d = -z;
+      fast_exp_inplace(d);
+      d = d + 1.0f;
+      fast_recip_inplace(d);
+      z = z * d;
+    } else if constexpr (A == DwAct::kRelu) {
+      V zero{};
+      z = z <= zero ? zero : z;  // NaN stays NaN, as torch.relu
+    }
+  }
+};
+using NoActivation = VecActivation<DwAct::kNone>;
+
+// The activations' backward on a channel vector, for the fused backward rows (float; SiLU, ReLU): z (the
+// pre-activation) is replaced by g * act'(z), act' as dw_activation_grad states it.
+template <DwAct A>
+struct VecActivationGrad {
+  template <typename V>
+  static MK_DW_INLINE void apply(V& z, const V& g) {
+    if constexpr (A == DwAct::kSilu) {
+      V s;
+      if constexpr (IsZmmFloat<V>::value) {
+        s = zmm_sigmoid(z);
+      } else {
+        s = -z;
+        fast_exp_inplace(s);
+        s = s + 1.0f;
+        fast_recip_inplace(s);
+      }
+      // g s (1 + z (1 - s)) = u + u (z - z s), u = g s
+      const V u = g * s;
+      z = u + u * (z - z * s);
+    } else if constexpr (A == DwAct::kRelu) {
+      V zero{};
+      z = z <= zero ? zero : g;  // NaN z passes g, as dw_activation_grad
+    } else {
+      z = g;
+    }
+  }
+};
+
 // Kernel rows whose weights are held in registers at once: all of them when they fit (16 vector registers
 // below AVX-512, 32 with it), else one.
 template <int VB, int K>
@@ -83,10 +267,31 @@ constexpr int rows_per_pass() {
 // ---- channels-last rows: vectors over channels, the channel-vector loop outside the pixel loop so that
 // the weights stay in registers while the row is walked.
 
-template <typename acc_t, typename V, int K, int R>
+// Stride 1, outputs [o, o + U) of one channel vector: each input pixel of a kernel row is loaded once and
+// used by every output it reaches (k of them), the U accumulators staying in registers.
+template <typename acc_t, typename V, int K, int R, int U>
+MK_DW_INLINE void conv_rows_block_s1(const V (*w)[K], const acc_t* const* src, int64_t ps, V* acc, int64_t o) {
+  for (int r = 0; r < R; ++r) {
+    const acc_t* x = src[r] + o * ps;
+    for (int m = 0; m < U + K - 1; ++m) {
+      V v;
+      vload(v, x);
+      x += ps;
+      for (int j = 0; j < K; ++j) {
+        const int u = m - j;
+        if (u >= 0 && u < U) acc[u] += w[r][j] * v;
+      }
+    }
+  }
+}
+
+// One channel vector of one row of outputs.
+template <typename acc_t, typename V, int K, int R, typename Epi>
 MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
-  const int64_t k = K > 0 ? K : a.k, C = a.C, step = a.s * C, n = a.n;
+  // outputs per register block at stride 1: weights (R k) + accumulators + 1 input fit 16 or 32 registers
+  constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1 : (sizeof(V) >= 64 ? 6 : (R * K + 6 <= 16 ? 4 : 2));
+  const int64_t k = K > 0 ? K : a.k, C = a.C, ps = a.ps, step = a.s * ps, n = a.n;
   V init;
   vload(init, a.init + c);
   acc_t* dst = a.out + c;
@@ -97,9 +302,27 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
       src[r] = a.rows[i0 + r] + c;
       for (int64_t j = 0; j < k; ++j) vload(w[r][j], a.w + ((i0 + r) * k + j) * C + c);
     }
-    for (int64_t o = 0; o < n; ++o) {
+    const bool first = i0 == 0, last = i0 + R >= k;
+    int64_t o = 0;
+    if constexpr (U > 1) {
+      if (a.s == 1) {
+        for (; o + U <= n; o += U) {
+          V acc[U];
+          for (int u = 0; u < U; ++u) {
+            if (first) {
+              acc[u] = init;
+            } else {
+              vload(acc[u], dst + (o + u) * C);
+            }
+          }
+          conv_rows_block_s1<acc_t, V, K, R, U>(w, src, ps, acc, o);
+          for (int u = 0; u < U; ++u) vstore(dst + (o + u) * C, acc[u]);
+        }
+      }
+    }
+    for (; o < n; ++o) {
       V acc;
-      if (i0 == 0) {
+      if (first) {
         acc = init;
       } else {
         vload(acc, dst + o * C);
@@ -108,22 +331,34 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
         const acc_t* x = src[r] + o * step;
         for (int64_t j = 0; j < k; ++j) {
           V v;
-          vload(v, x + j * C);
+          vload(v, x + j * ps);
           acc += w[r][j] * v;
         }
       }
       vstore(dst + o * C, acc);
     }
+    // the activation as a separate loop over the channel vector's outputs, still in L1: its long dependency
+    // chains then overlap from output to output instead of queueing behind each output's FMAs
+    if constexpr (!std::is_same_v<Epi, NoActivation>) {
+      if (last) {
+        for (int64_t q = 0; q < n; ++q) {
+          V v;
+          vload(v, dst + q * C);
+          Epi::apply(v);
+          vstore(dst + q * C, v);
+        }
+      }
+    }
   }
 }
 
-template <typename acc_t, int VB, int K>
+template <typename acc_t, int VB, int K, typename Epi = NoActivation>
 MK_DW_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
   constexpr int64_t L = VB / sizeof(acc_t);
   constexpr int R = rows_per_pass<VB, K>();
   int64_t c = 0;
-  for (; c + L <= a.C; c += L) conv_rows_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, R>(a, c);
-  for (; c < a.C; ++c) conv_rows_lanes<acc_t, acc_t, K, R>(a, c);
+  for (; c + L <= a.C; c += L) conv_rows_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, R, Epi>(a, c);
+  for (; c < a.C; ++c) conv_rows_lanes<acc_t, acc_t, K, R, Epi>(a, c);
 }
 
 template <typename acc_t, typename V, int K, int R>
@@ -178,11 +413,40 @@ MK_DW_INLINE void grads_rows_impl(const GradsRowsArgs<acc_t>& a) {
   for (; c < a.C; ++c) grads_rows_lanes<acc_t, acc_t, K, R>(a, c);
 }
 
+// The fused backward of one row (BwdRowsArgs), channel vector by channel vector: z, then g * act'(z) in place,
+// then the parameter gradients, while the vector's k input rows, gradients and outputs are in L1.
+template <typename acc_t, typename V, int K, int R, DwAct A>
+MK_DW_INLINE void bwd_rows_lanes(const BwdRowsArgs<acc_t>& a, int64_t c) {
+  conv_rows_lanes<acc_t, V, K, R, NoActivation>(a.conv, c);
+  const int64_t C = a.conv.C, n = a.conv.n;
+  acc_t* out = a.conv.out + c;
+  const acc_t* g = a.g + c;
+  for (int64_t q = 0; q < n; ++q) {
+    V z, gv;
+    vload(z, out + q * C);
+    vload(gv, g + q * C);
+    VecActivationGrad<A>::apply(z, gv);
+    vstore(out + q * C, z);
+  }
+  if (a.gw != nullptr) {
+    grads_rows_lanes<acc_t, V, K, R>({a.conv.rows, a.conv.out, a.gw, a.gb, n, C, a.conv.s, a.conv.k}, c);
+  }
+}
+
+template <typename acc_t, int VB, int K, DwAct A>
+MK_DW_INLINE void bwd_rows_impl(const BwdRowsArgs<acc_t>& a) {
+  constexpr int64_t L = VB / sizeof(acc_t);
+  constexpr int R = rows_per_pass<VB, K>();
+  int64_t c = 0;
+  for (; c + L <= a.conv.C; c += L) bwd_rows_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, R, A>(a, c);
+  for (; c < a.conv.C; ++c) bwd_rows_lanes<acc_t, acc_t, K, R, A>(a, c);
+}
+
 // ---- plane rows: vectors over output columns, scalar weights broadcast.
 
 // Outputs [o, o + U * lanes) of one plane row; the weights come broadcast, the tap offsets folded into the
 // per-tap source pointers (locals, so that the stores to out do not force reloads).
-template <typename acc_t, typename V, int U>
+template <typename acc_t, typename V, int U, typename Epi>
 MK_DW_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t ntaps, V init, acc_t* out,
                                    int64_t o) {
   constexpr int64_t L = sizeof(V) / sizeof(acc_t);
@@ -196,10 +460,13 @@ MK_DW_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t 
       acc[u] += w[t] * v;
     }
   }
-  for (int u = 0; u < U; ++u) vstore(out + o + u * L, acc[u]);
+  for (int u = 0; u < U; ++u) {
+    Epi::apply(acc[u]);
+    vstore(out + o + u * L, acc[u]);
+  }
 }
 
-template <typename acc_t, typename V, int K>
+template <typename acc_t, typename V, int K, typename Epi>
 MK_DW_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* const* src, int64_t ntaps,
                                    int64_t o0, int64_t o1) {
   constexpr int64_t L = sizeof(V) / sizeof(acc_t);
@@ -211,24 +478,24 @@ MK_DW_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* c
   vbroadcast(init, a.init);
   acc_t* out = a.out;
   int64_t o = o0;
-  for (; o + U * L <= o1; o += U * L) conv_plane_block<acc_t, V, U>(w, src, K > 0 ? NT : ntaps, init, out, o);
-  for (; o + L <= o1; o += L) conv_plane_block<acc_t, V, 1>(w, src, K > 0 ? NT : ntaps, init, out, o);
+  for (; o + U * L <= o1; o += U * L) conv_plane_block<acc_t, V, U, Epi>(w, src, K > 0 ? NT : ntaps, init, out, o);
+  for (; o + L <= o1; o += L) conv_plane_block<acc_t, V, 1, Epi>(w, src, K > 0 ? NT : ntaps, init, out, o);
   if constexpr (L > 1) {
     if (o < o1 && o1 - o0 >= L) {
-      conv_plane_block<acc_t, V, 1>(w, src, K > 0 ? NT : ntaps, init, out, o1 - L);  // overlaps, equal values
+      conv_plane_block<acc_t, V, 1, Epi>(w, src, K > 0 ? NT : ntaps, init, out, o1 - L);  // overlaps, equal values
     } else if (o < o1) {
-      conv_plane_lanes<acc_t, acc_t, K>(a, src, ntaps, o, o1);
+      conv_plane_lanes<acc_t, acc_t, K, Epi>(a, src, ntaps, o, o1);
     }
   }
 }
 
-template <typename acc_t, int VB, int K>
+template <typename acc_t, int VB, int K, typename Epi = NoActivation>
 MK_DW_INLINE void conv_plane_impl(const ConvPlaneArgs<acc_t>& a) {
   const int64_t k = K > 0 ? K : a.k;
   const acc_t* src[kMaxKernel * kMaxKernel];
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k; ++j) src[i * k + j] = a.rows[i] + (j % a.s) * a.phase_len + j / a.s;
-  conv_plane_lanes<acc_t, typename VecOf<acc_t, VB>::type, K>(a, src, k * k, 0, a.n);
+  conv_plane_lanes<acc_t, typename VecOf<acc_t, VB>::type, K, Epi>(a, src, k * k, 0, a.n);
 }
 
 template <typename acc_t, typename V, int K, int R>
@@ -284,55 +551,30 @@ MK_DW_INLINE void grads_plane_impl(const GradsPlaneArgs<acc_t>& a) {
 
 // ---- activations and LayerNorm (omp simd loops over the formulas of depthwise_conv_math.h)
 
-// e^x for float without a library call, so that the activation loops vectorise into straight-line code:
-// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (about 1 ulp).
-// x is clamped to [-87.33, 88.37] (n in [-126, 127]): below, the result is the smallest normal float
-// instead of a denormal or zero, which the activations cannot tell apart.
-MK_DW_INLINE float fast_expf(float x) {
-  x = x < -87.3365447f ? -87.3365447f : (x > 88.3762626f ? 88.3762626f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| < 2^22
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  const float er = q * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return er * scale;
-}
-
-// The CPU kernels' elementary functions: fast_expf for float, the C library (vectorised by libmvec) else.
-struct CpuMath {
-  template <typename acc_t>
-  static MK_DW_INLINE acc_t exp(acc_t v) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      return fast_expf(v);
-    } else {
-      return dw_exp<acc_t>(v);
-    }
-  }
-  template <typename acc_t>
-  static MK_DW_INLINE acc_t erf(acc_t v) {
-    return dw_erf<acc_t>(v);
-  }
-};
-
-
 template <DwAct A, typename acc_t>
 MK_DW_INLINE void act_forward_impl(const acc_t* z, acc_t* out, int64_t n) {
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) out[e] = dw_activation<A, acc_t, CpuMath>(z[e]);
 }
 
-template <DwAct A, typename acc_t>
+template <DwAct A, typename acc_t, int VB>
 MK_DW_INLINE void act_backward_impl(const acc_t* __restrict__ z, const acc_t* __restrict__ g,
                                     acc_t* __restrict__ gz, int64_t n) {
   if constexpr (A == DwAct::kNone) {
     std::memcpy(gz, g, n * sizeof(acc_t));
+  } else if constexpr (A == DwAct::kSilu && IsZmmFloat<typename VecOf<acc_t, VB>::type>::value) {
+    // g * s * (1 + z (1 - s)) = u + u * (z - z s), u = g s
+    using V = typename VecOf<acc_t, VB>::type;
+    int64_t e = 0;
+    for (; e + 16 <= n; e += 16) {
+      V zv, gv;
+      vload(zv, z + e);
+      vload(gv, g + e);
+      const V s = zmm_sigmoid(zv);
+      const V u = gv * s;
+      vstore(gz + e, u + u * (zv - zv * s));
+    }
+    for (; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
   } else {
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
@@ -513,6 +755,18 @@ MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64
     ATTR static void conv_rows(const ConvRowsArgs<acc_t>& a) {                                             \
       conv_rows_impl<acc_t, VB, K>(a);                                                                     \
     }                                                                                                      \
+    template <typename acc_t, int K, DwAct A>                                                              \
+    ATTR static void conv_rows_act(const ConvRowsArgs<acc_t>& a) {                                         \
+      conv_rows_impl<acc_t, VB, K, VecActivation<A>>(a);                                                   \
+    }                                                                                                      \
+    template <typename acc_t, int K, DwAct A>                                                              \
+    ATTR static void conv_plane_act(const ConvPlaneArgs<acc_t>& a) {                                       \
+      conv_plane_impl<acc_t, VB, K, VecActivation<A>>(a);                                                  \
+    }                                                                                                      \
+    template <typename acc_t, int K, DwAct A>                                                              \
+    ATTR static void bwd_rows(const BwdRowsArgs<acc_t>& a) {                                               \
+      bwd_rows_impl<acc_t, VB, K, A>(a);                                                                   \
+    }                                                                                                      \
     template <typename acc_t, int K>                                                                       \
     ATTR static void grads_rows(const GradsRowsArgs<acc_t>& a) {                                           \
       grads_rows_impl<acc_t, VB, K>(a);                                                                    \
@@ -531,7 +785,7 @@ MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64
     }                                                                                                      \
     template <DwAct A, typename acc_t>                                                                     \
     ATTR static void act_backward(const acc_t* z, const acc_t* g, acc_t* gz, int64_t n) {                  \
-      act_backward_impl<A, acc_t>(z, g, gz, n);                                                            \
+      act_backward_impl<A, acc_t, VB>(z, g, gz, n);                                                            \
     }                                                                                                      \
     template <typename acc_t>                                                                              \
     ATTR static void ln_forward(const LayerNormArgs<acc_t>& a, const acc_t* z, acc_t* out) {               \
@@ -560,11 +814,32 @@ MK_DW_DEFINE_ISA(IsaAvx512, __attribute__((target("avx512f,avx2,fma"))), 64)
 #endif
 
 template <typename Isa, typename acc_t, int K>
-void set_size_kernels(RowKernels<acc_t>& r) {
+void set_size_kernels(RowKernels<acc_t>& r, DwAct act) {
   r.conv_rows = &Isa::template conv_rows<acc_t, K>;
   r.grads_rows = &Isa::template grads_rows<acc_t, K>;
   r.conv_plane = &Isa::template conv_plane<acc_t, K>;
   r.grads_plane = &Isa::template grads_plane<acc_t, K>;
+  r.act_fused = std::is_same_v<acc_t, float> && act != DwAct::kGelu;
+  // (without an activation the backward needs no z, and the unfused path skips its convolution)
+  r.bwd_fused = std::is_same_v<acc_t, float> && (act == DwAct::kSilu || act == DwAct::kRelu);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (act == DwAct::kSilu) {
+      r.bwd_rows = &Isa::template bwd_rows<acc_t, K, DwAct::kSilu>;
+    } else if (act == DwAct::kRelu) {
+      r.bwd_rows = &Isa::template bwd_rows<acc_t, K, DwAct::kRelu>;
+    }
+    if (act == DwAct::kSilu) {
+      r.conv_rows_act = &Isa::template conv_rows_act<acc_t, K, DwAct::kSilu>;
+      r.conv_plane_act = &Isa::template conv_plane_act<acc_t, K, DwAct::kSilu>;
+    } else if (act == DwAct::kRelu) {
+      r.conv_rows_act = &Isa::template conv_rows_act<acc_t, K, DwAct::kRelu>;
+      r.conv_plane_act = &Isa::template conv_plane_act<acc_t, K, DwAct::kRelu>;
+    }
+  }
+  if (act == DwAct::kNone) {
+    r.conv_rows_act = r.conv_rows;
+    r.conv_plane_act = r.conv_plane;
+  }
 }
 
 template <typename Isa, typename acc_t, DwAct A>
@@ -578,16 +853,16 @@ RowKernels<acc_t> kernels_for(int64_t k, DwAct act) {
   RowKernels<acc_t> r{};
   switch (k) {
     case 3:
-      set_size_kernels<Isa, acc_t, 3>(r);
+      set_size_kernels<Isa, acc_t, 3>(r, act);
       break;
     case 5:
-      set_size_kernels<Isa, acc_t, 5>(r);
+      set_size_kernels<Isa, acc_t, 5>(r, act);
       break;
     case 7:
-      set_size_kernels<Isa, acc_t, 7>(r);
+      set_size_kernels<Isa, acc_t, 7>(r, act);
       break;
     default:
-      set_size_kernels<Isa, acc_t, 0>(r);
+      set_size_kernels<Isa, acc_t, 0>(r, act);
   }
   switch (act) {
     case DwAct::kSilu:
@@ -603,9 +878,9 @@ RowKernels<acc_t> kernels_for(int64_t k, DwAct act) {
       set_act_kernels<Isa, acc_t, DwAct::kNone>(r);
   }
   r.ln_forward = &Isa::template ln_forward<acc_t>;
+  r.ln_backward = &Isa::template ln_backward<acc_t>;
   r.copy2d = &Isa::template copy2d<acc_t>;
   r.transpose = &Isa::template transpose<acc_t>;
-  r.ln_backward = &Isa::template ln_backward<acc_t>;
   return r;
 }
 

@@ -50,7 +50,8 @@ MK_HOST_DEVICE inline float dw_sqrt<float>(float v) {
 }
 
 // The elementary functions the formulas below call: the C library's (host) or CUDA's (device). The CPU
-// kernels pass their own policy with an inlinable float exp, so that their loops vectorise without calls.
+// kernels pass their own policy (inlinable float exp and reciprocal), so that their loops vectorise into
+// straight-line code without library calls or divisions.
 struct DwLibMath {
   template <typename acc_t>
   MK_HOST_DEVICE static acc_t exp(acc_t v) {
@@ -60,11 +61,16 @@ struct DwLibMath {
   MK_HOST_DEVICE static acc_t erf(acc_t v) {
     return dw_erf<acc_t>(v);
   }
+  // 1 / v for v >= 1 (the sigmoid's denominator).
+  template <typename acc_t>
+  MK_HOST_DEVICE static acc_t recip(acc_t v) {
+    return acc_t(1) / v;
+  }
 };
 
 template <typename acc_t, typename M = DwLibMath>
 MK_HOST_DEVICE inline acc_t dw_sigmoid(acc_t z) {
-  return acc_t(1) / (acc_t(1) + M::template exp<acc_t>(-z));
+  return M::template recip<acc_t>(acc_t(1) + M::template exp<acc_t>(-z));
 }
 
 template <DwAct A, typename acc_t, typename M = DwLibMath>

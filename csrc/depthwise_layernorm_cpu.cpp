@@ -20,6 +20,8 @@ struct LayerNormEpilogue {
   const RowKernels<acc_t>* kern;
   LayerNormArgs<acc_t> args;
   bool needs_z = true;
+  bool conv_fused = false;
+  bool bwd_fused = false;
 
   void forward(const acc_t* z, acc_t* out) const { kern->ln_forward(args, z, out); }
   // extra: this task's d gamma (C,) then d beta (C,)
@@ -97,7 +99,7 @@ at::Tensor depthwise_conv2d_layernorm_fwd_cpu(const at::Tensor& x, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d_layernorm_fwd_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
-    const auto params = dwcpu::row_params<T, acc_t>(weight, a.conv.has_bias ? &*bias : nullptr, g.C, g.k);
+    const auto params = dwcpu::row_params<T, acc_t>(weight, a.conv.has_bias ? &*bias : nullptr, g.C, g.k, false);
     const auto gamma = dwcpu::vector_or<T, acc_t>(ln_weight, g.C, acc_t(1));
     const auto beta = dwcpu::vector_or<T, acc_t>(ln_bias, g.C, acc_t(0));
     dwcpu::RowProblem<T, acc_t> P;
@@ -109,7 +111,7 @@ at::Tensor depthwise_conv2d_layernorm_fwd_cpu(const at::Tensor& x, const at::Ten
     P.out = out.mutable_data_ptr<T>();
     P.os = dwcpu::bhwc_strides(out);
     const dwcpu::LayerNormEpilogue<acc_t> epi{
-        &P.kern, {gamma.data(), beta.data(), static_cast<acc_t>(eps), g.Wo, g.C}, true};
+        &P.kern, {gamma.data(), beta.data(), static_cast<acc_t>(eps), g.Wo, g.C}, true, false, false};
     at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t r0, int64_t r1) { dwcpu::rows_forward(P, epi, r0, r1); });
   });
   return out;
@@ -151,7 +153,7 @@ std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cpu(const at::Tensor& gra
       P.gx = gx.mutable_data_ptr<T>();
       P.gxs = Strides(gx);
       const dwcpu::LayerNormEpilogue<acc_t> epi{
-          &P.kern, {gamma.data(), beta.data(), static_cast<acc_t>(eps), g.Wo, C}, true};
+          &P.kern, {gamma.data(), beta.data(), static_cast<acc_t>(eps), g.Wo, C}, true, false, false};
       const int64_t ntasks = g.B * dwcpu::band_count(g);
       std::vector<acc_t> part(ntasks * stride_t);
       at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {

@@ -70,6 +70,42 @@ def test_gradcheck_float64(cpu_backend):
         assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=2, activation="gelu"), (x, wt, b))
 
 
+@pytest.mark.parametrize("act", ["silu", "relu", None])
+def test_eager_fast_path_matches_custom_op(device_backend, act):
+    # plain eager calls skip the torch.library op's dispatch (its implementation is called directly): the results
+    # and gradients must be those of the op itself, and the op must still run under a dispatch mode
+    device, backend = device_backend
+    g = torch.Generator().manual_seed(3)
+    x, wt, b, gy = (torch.randn(*s, generator=g).to(device) for s in ((2, 20, 9, 11), (20, 1, 3, 3), (20,), (2, 20, 9, 11)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    gy = gy.contiguous(memory_format=torch.channels_last)
+    outs = []
+    for direct in (True, False):
+        leaves = [t.detach().requires_grad_(True) for t in (x, wt, b)]
+        with medkernels.use_backend(backend):
+            if direct:
+                y = depthwise_conv2d(*leaves, activation=act)
+            else:
+                y = torch.ops.medkernels.depthwise_conv2d_fwd(*leaves, 1, 1, act or "none", backend, True)
+        y.backward(gy)
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder(), medkernels.use_backend(backend), torch.no_grad():
+        torch.testing.assert_close(depthwise_conv2d(x, wt, b, activation=act), outs[0][0], rtol=0, atol=0)
+    assert any("depthwise_conv2d_fwd" in f for f in Recorder.seen)
+
+
 def test_module_is_drop_in_for_conv2d():
     conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)
     mod = DepthwiseConv2d(6, 5)

@@ -145,6 +145,16 @@ def test_kernel_dtypes(kernel_backend, dtype, tol, layout):
         check_against_float64(device, backend, case, "silu", layout, dtype, tol)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "cl_slice->nchw"])
+@pytest.mark.parametrize("act", list(ACTS), ids=lambda a: a or "none")
+def test_kernel_float32_activations(kernel_backend, act, layout):
+    # float32 applies SiLU and ReLU inside the convolution kernels (C++), GELU and float64 afterwards: check each
+    # path on the plane walk (rows of >= 20 outputs, with in-place interior reads) and on short rows
+    device, backend = kernel_backend
+    for case in ((2, 35, 6, 41, 3, 1), (1, 16, 5, 7, 5, 1), (1, 33, 7, 45, 3, 2)):
+        check_against_float64(device, backend, case, act, layout, torch.float32, (1e-5, 1e-5))
+
+
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 def test_triton_interpreter_dtypes(dtype, tol):
     require_interpreter()

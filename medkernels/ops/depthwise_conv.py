@@ -7,7 +7,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
-from ._common import check_same_device, check_size, check_tensor, vjp
+from ._common import check_same_device, check_size, check_tensor, eager_plain, vjp
 from .depthwise_conv_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
 
 MAX_KERNEL = 31
@@ -106,6 +106,28 @@ def _backward(ctx, grad):
 
 _depthwise_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+# Backends whose implementation depthwise_conv2d calls directly in plain eager mode (see eager_plain): the
+# compiled extension's kernels.
+_DIRECT_BACKENDS = ("cpu", "cuda")
+
+
+class _DirectDepthwiseConv2d(torch.autograd.Function):
+    """The autograd of the custom op above, without its dispatch: for eager calls that need gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, activation, backend, channels_last):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.args = (stride, padding, activation, backend)
+        return DEPTHWISE_CONV2D.impl(backend).forward(x, weight, bias, stride, padding, activation, channels_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        stride, padding, activation, backend = ctx.args
+        gx, gw, gb = DEPTHWISE_CONV2D.impl(backend).backward(grad, x, weight, bias, stride, padding, activation)
+        return gx, gw, (gb if bias is not None else None), None, None, None, None, None
+
 
 def validate_conv(x, weight, bias, stride, padding):
     """Checks the arguments shared by the depthwise ops; returns the padding (default k // 2)."""
@@ -162,4 +184,9 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=No
     else:
         raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, got {memory_format!r}")
     backend = resolve(DEPTHWISE_CONV2D, x.device)
+    if backend in _DIRECT_BACKENDS and eager_plain(x, weight, bias):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _DirectDepthwiseConv2d.apply(x, weight, bias, stride, padding, name, backend, channels_last)
+        return DEPTHWISE_CONV2D.impl(backend).forward(x, weight, bias, stride, padding, name, channels_last)
     return _depthwise_conv2d_fwd(x, weight, bias, stride, padding, name, backend, channels_last)
