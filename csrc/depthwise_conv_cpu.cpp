@@ -30,18 +30,6 @@ struct ActEpilogue {
   void backward(const acc_t* z, const acc_t* g, acc_t* gz, acc_t*, bool) const { kern->act_backward(z, g, gz, n); }
 };
 
-template <typename T, typename acc_t>
-void rows_backward_tasks(const RowProblem<T, acc_t>& P, const ActEpilogue<acc_t>& epi, acc_t* part,
-                         int64_t stride, int64_t t0, int64_t t1) {
-  BackwardScratch<acc_t> S(P.g);
-  const int64_t nb = band_count(P.g);
-  for (int64_t t = t0; t < t1; ++t) {
-    acc_t* mine = part + t * stride;
-    std::fill(mine, mine + stride, acc_t(0));
-    rows_backward_band(P, epi, t / nb, t % nb, S, mine);
-  }
-}
-
 // ------------------------------------------------------------------------------------------------------
 // The plane walk (NCHW in and out)
 //

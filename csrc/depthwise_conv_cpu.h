@@ -499,5 +499,19 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
   emit_ready(g.Ho);
 }
 
+// Backward tasks t0 <= t < t1, one (image, band) each, every one summing into its own zeroed row of `part`
+// (`stride` values apart), which the caller reduces in task order.
+template <typename T, typename acc_t, typename Epi>
+void rows_backward_tasks(const RowProblem<T, acc_t>& P, const Epi& epi, acc_t* part, int64_t stride, int64_t t0,
+                         int64_t t1) {
+  BackwardScratch<acc_t> S(P.g);
+  const int64_t nb = band_count(P.g);
+  for (int64_t t = t0; t < t1; ++t) {
+    acc_t* mine = part + t * stride;
+    std::fill(mine, mine + stride, acc_t(0));
+    rows_backward_band(P, epi, t / nb, t % nb, S, mine);
+  }
+}
+
 }  // namespace dwcpu
 }  // namespace medkernels

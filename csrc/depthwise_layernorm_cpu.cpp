@@ -30,18 +30,6 @@ struct LayerNormEpilogue {
   }
 };
 
-template <typename T, typename acc_t>
-void ln_backward_tasks(const RowProblem<T, acc_t>& P, const LayerNormEpilogue<acc_t>& epi, acc_t* part,
-                       int64_t stride, int64_t t0, int64_t t1) {
-  BackwardScratch<acc_t> S(P.g);
-  const int64_t nb = band_count(P.g);
-  for (int64_t t = t0; t < t1; ++t) {
-    acc_t* mine = part + t * stride;
-    std::fill(mine, mine + stride, acc_t(0));
-    rows_backward_band(P, epi, t / nb, t % nb, S, mine);
-  }
-}
-
 // Strides of a (B, Ho, Wo, C) tensor seen as (B, C, Ho, Wo).
 Strides bhwc_strides(const at::Tensor& t) {
   Strides s;
@@ -157,7 +145,7 @@ std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cpu(const at::Tensor& gra
       const int64_t ntasks = g.B * dwcpu::band_count(g);
       std::vector<acc_t> part(ntasks * stride_t);
       at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-        dwcpu::ln_backward_tasks(P, epi, part.data(), stride_t, t0, t1);
+        dwcpu::rows_backward_tasks(P, epi, part.data(), stride_t, t0, t1);
       });
       dwcpu::reduce_partials(part.data(), ntasks, stride_t, stride_t, sums.data());
     }
