@@ -8,6 +8,8 @@ Environment variables:
                              CUDA build and nvcc is found (CUDA_HOME, else /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST       CUDA architectures, e.g. "9.0" or "8.0;9.0+PTX".  Unset: the
                              visible GPUs' architectures, or "8.0;9.0" when no GPU is visible.
+  MEDKERNELS_CPU_OPT         optimisation of the C++ files (default -O3; -O1 builds in a fraction of the time,
+                             for machines where the CPU kernels are tested but not timed).
   MAX_JOBS                   parallel compile jobs (read by torch.utils.cpp_extension).
 
 Install with `pip install --no-build-isolation .` (or `-e .`) so that the build uses the
@@ -162,7 +164,12 @@ def _extensions():
     from torch.utils import cpp_extension
 
     openmp = _compiler_accepts("-fopenmp")
-    cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
+    # MEDKERNELS_CPU_OPT=-O1 trades the C++ kernels' speed for build minutes (GPU sessions, where the CPU kernels
+    # are only tested, never timed); build_info() reports the flags, so a slow build is visible
+    cpu_opt = os.environ.get("MEDKERNELS_CPU_OPT", "-O3")
+    if cpu_opt not in ("-O0", "-O1", "-O2", "-O3"):
+        sys.exit(f"error: MEDKERNELS_CPU_OPT must be one of -O0 -O1 -O2 -O3, got {cpu_opt!r}")
+    cxx_flags = [cpu_opt] + (["-fopenmp"] if openmp else [])
     nvcc_flags = ["-O3", "-lineinfo"]
     # every C++ file in csrc/ (bindings, CPU kernels); the .cu files join them for a CUDA build
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))

@@ -56,7 +56,7 @@ for _name in ("cpu", "cuda", "triton"):
 @torch.library.custom_op("medkernels::depthwise_conv2d_fwd", mutates_args=())
 def _depthwise_conv2d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int, activation: str,
-    backend: str, channels_last: Optional[bool] = None,
+    backend: str, channels_last: Optional[bool],
 ) -> torch.Tensor:
     if channels_last is None:
         channels_last = is_channels_last(x)
@@ -68,7 +68,7 @@ def _out_size(size, k, stride, padding):
 
 
 @_depthwise_conv2d_fwd.register_fake
-def _(x, weight, bias, stride, padding, activation, backend, channels_last=None):
+def _(x, weight, bias, stride, padding, activation, backend, channels_last):
     b, c, h, w = x.shape
     k = weight.shape[-1]
     if channels_last is None:

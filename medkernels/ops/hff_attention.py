@@ -146,11 +146,13 @@ def _contiguous_like(x):
 
 # ---- spatial attention ---------------------------------------------------------------------------
 
+# No defaults in the custom ops' schemas: the dispatcher drops arguments equal to their default, and torch 2.11's
+# autograd wrapper then expects one gradient fewer than register_autograd's backward returns.
 @torch.library.custom_op("medkernels::hff_spatial_attention_fwd", mutates_args=())
 def _spatial_fwd(
     x: torch.Tensor, conv_weight: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], use_batch_stats: bool, eps: float,
-    backend: str, gate_only: bool = False,
+    backend: str, gate_only: bool,
 ) -> List[torch.Tensor]:
     return HFF_SPATIAL_ATTENTION.impl(backend).forward(
         x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, gate_only
@@ -158,7 +160,7 @@ def _spatial_fwd(
 
 
 @_spatial_fwd.register_fake
-def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend, gate_only=False):
+def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, backend, gate_only):
     B, _, H, W = x.shape
     acc = acc_dtype(x)
     y = x.new_empty(B, 1, H, W, dtype=acc) if gate_only else _contiguous_like(x)
@@ -171,7 +173,7 @@ def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_s
 def _spatial_bwd(
     grad: torch.Tensor, pooled: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor,
     bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor], use_batch_stats: bool, eps: float, backend: str, gate_only: bool = False,
+    running_var: Optional[torch.Tensor], use_batch_stats: bool, eps: float, backend: str, gate_only: bool,
 ) -> List[torch.Tensor]:
     grads = HFF_SPATIAL_ATTENTION.impl(backend).backward(
         grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
@@ -182,7 +184,7 @@ def _spatial_bwd(
 
 @_spatial_bwd.register_fake
 def _(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
-      backend, gate_only=False):
+      backend, gate_only):
     like = (_contiguous_like(x),) + tuple(None if t is None else torch.empty_like(t) for t in (conv_weight, bn_weight, bn_bias))
     return [_empty_if_none(t, x) for t in like]
 
@@ -290,12 +292,12 @@ def hff_spatial_gate(x, conv_weight, bn_weight, bn_bias, running_mean, running_v
 
 @torch.library.custom_op("medkernels::hff_channel_attention_fwd", mutates_args=())
 def _channel_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, backend: str,
-                 gate_only: bool = False) -> List[torch.Tensor]:
+                 gate_only: bool) -> List[torch.Tensor]:
     return HFF_CHANNEL_ATTENTION.impl(backend).forward(x, fc1_weight, fc2_weight, gate_only)
 
 
 @_channel_fwd.register_fake
-def _(x, fc1_weight, fc2_weight, backend, gate_only=False):
+def _(x, fc1_weight, fc2_weight, backend, gate_only):
     B, C = x.shape[:2]
     acc = acc_dtype(x)
     y = x.new_empty(B, C, 1, 1, dtype=acc) if gate_only else _contiguous_like(x)
@@ -305,13 +307,13 @@ def _(x, fc1_weight, fc2_weight, backend, gate_only=False):
 @torch.library.custom_op("medkernels::hff_channel_attention_bwd", mutates_args=())
 def _channel_bwd(
     grad: torch.Tensor, pooled: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
-    fc2_weight: torch.Tensor, backend: str, gate_only: bool = False,
+    fc2_weight: torch.Tensor, backend: str, gate_only: bool,
 ) -> List[torch.Tensor]:
     return list(HFF_CHANNEL_ATTENTION.impl(backend).backward(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_only))
 
 
 @_channel_bwd.register_fake
-def _(grad, pooled, argmax, x, fc1_weight, fc2_weight, backend, gate_only=False):
+def _(grad, pooled, argmax, x, fc1_weight, fc2_weight, backend, gate_only):
     return [_contiguous_like(x), torch.empty_like(fc1_weight), torch.empty_like(fc2_weight)]
 
 
