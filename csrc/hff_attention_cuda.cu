@@ -136,8 +136,9 @@ __global__ void map_finalize_kernel(const double* __restrict__ partial, int bloc
     const double sq = dev < 0.0 ? 0.0 : dev;  // a rounding below zero clamped
     mean = static_cast<acc_t>(mu);
     var = static_cast<acc_t>(sq / double(n));
-    *batch_mean = mean;
-    *batch_var = static_cast<acc_t>(sq / double(n - 1));
+    // the backward recomputes the map without asking for the statistics (null)
+    if (batch_mean != nullptr) *batch_mean = mean;
+    if (batch_var != nullptr) *batch_var = static_cast<acc_t>(sq / double(n - 1));
   }
   const HffAffine<acc_t> a = hff_bn_affine<acc_t>(mean, var, eps, bn_weight != nullptr ? *bn_weight : acc_t(1),
                                                   bn_bias != nullptr ? *bn_bias : acc_t(0));

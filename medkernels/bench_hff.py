@@ -191,15 +191,15 @@ def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, siz
     return rows
 
 
-def bench_hff(device, time_call, warmup, repeats, quick=True, scales=SCALES, batch=None):
+def bench_hff(device, time_call, warmup, repeats, quick=True, scales=SCALES, batch=None, dtypes=None):
     """Rows {"op", "pass", "provider", "shape", "max_abs_err_vs_ref", "median_s", "min_s", "max_s", "repeats",
     "baseline", "speedup"}: the fused attention + tail at each (channels, size) of `scales` (HiFuse's four HFF
     scales by default), forward and forward+backward, and the whole HFFBlock forward+backward (at the first
     scale only and with half the repeats when `quick`: it takes seconds a step). `batch` defaults to 8 on CPU,
-    64 on CUDA."""
+    64 on CUDA; `dtypes` to float16 and bfloat16 on CUDA, float32 on CPU."""
     batch = batch or (64 if device.type == "cuda" else 8)
     rows = []
-    for dtype in _gpu_dtypes(device):
+    for dtype in dtypes or _gpu_dtypes(device):
         for channels, size in scales:
             rows += _bench_attention_tail(device, time_call, warmup, repeats, dtype, batch, channels, size)
         for channels, size in scales[:1] if quick else scales:
@@ -230,12 +230,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="time the whole HFFBlock at every scale")
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32", "float64"],
+                        help="default: float16 and bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
     from .bench import time_call
     from .info import info
 
     device = torch.device(args.device)
-    rows = bench_hff(device, time_call, args.warmup, args.repeats, quick=not args.full)
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    rows = bench_hff(device, time_call, args.warmup, args.repeats, quick=not args.full, dtypes=dtypes)
     print(f"medkernels HFF bench on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_rows(rows))
     if args.json:
