@@ -21,7 +21,7 @@ stage() {  # stage NAME DEFAULT_LIMIT COMMAND...
     if (( limit < 10 )); then echo "== $name: skipped, ${left}s left before the session deadline"; return; fi
     local start; start=$(date +%s)
     echo "== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -s INT -k 20 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc in $(( $(date +%s) - start ))s"
     tail -n "${TAIL_LINES:-15}" "$OUT/$name.log"
@@ -32,13 +32,13 @@ for s in "$@"; do
     info) stage info 60 bash -c 'nvidia-smi; '"$PY"' -c "import torch, triton, sys; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; nvcc --version | tail -2; lscpu | grep -E "Model name|Flags" | cut -c1-400' ;;
     build) export MEDKERNELS_CPU_OPT=${MEDKERNELS_CPU_OPT:--O1}; stage build 300 "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
     smoke) stage smoke 120 bash -c "for b in cuda triton; do for d in float32 bfloat16; do $PY benchmarks/gpu_sanitize.py --backend \$b --dtype \$d || echo FAILED \$b \$d; done; done" ;;
-    tests) stage tests 330 "$PY" -m pytest tests -q -n "${TEST_WORKERS:-16}" -k "${TEST_SELECT:-cuda}" -p no:cacheprovider \
-               --timeout 240 -rfE --junitxml="$OUT/tests.xml" ;;
-    sanitize) stage sanitize 240 bash -c "for t in memcheck racecheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/gpu_sanitize.py --backend cuda; echo \"\$t rc=\$?\"; done" ;;
+    tests) stage tests 330 "$PY" -m pytest tests -n "${TEST_WORKERS:-16}" -k "${TEST_SELECT:-cuda}" -p no:cacheprovider -v \
+               --timeout 120 --tb=short -rfE --junitxml="$OUT/tests.xml" ;;
+    sanitize) stage sanitize 240 bash -c "for t in ${SANITIZE_TOOLS:-memcheck racecheck}; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/gpu_sanitize.py --backend cuda; echo \"\$t rc=\$?\"; done" ;;
     bench-dw) stage bench-dw 200 "$PY" -m medkernels.bench_depthwise --device cuda --full ;;
     bench-hff) stage bench-hff 300 "$PY" -m medkernels.bench_hff --device cuda --json "$OUT/hff.json" ${BENCH_HFF_ARGS:-} ;;
     probe) [ -f scratch/probe_errors.py ] && stage probe 90 "$PY" scratch/probe_errors.py ;;
-    bench) stage bench 580 "$PY" -m medkernels.bench --full --no-progress --out "$OUT/gpu.json" ;;
+    bench) stage bench 580 "$PY" -m medkernels.bench ${BENCH_ARGS:---full} --no-progress --no-plot --out "$OUT/gpu.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done
