@@ -10,6 +10,7 @@
 #include <omp.h>
 #endif
 
+#include "check_message.h"
 #include "checks.h"
 #include "cross_scan.h"
 #include "ops.h"
@@ -121,7 +122,7 @@ at::Tensor cross_merge_cpu(const at::Tensor& y) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_scan_indices(int64_t H, int64_t W) {
-  TORCH_CHECK_VALUE(H >= 0 && W >= 0, "cross_scan_indices: expected H >= 0 and W >= 0, but got H=", H,
+  MK_CHECK_VALUE(H >= 0 && W >= 0, "cross_scan_indices: expected H >= 0 and W >= 0, but got H=", H,
                     ", W=", W);
   const int64_t L = H * W;
   at::Tensor pixel = at::empty({kCrossScanDirections, L}, at::TensorOptions().dtype(at::kLong));

@@ -1,5 +1,6 @@
 // Argument checks of the depthwise-convolution entry points (declared in depthwise_conv_args.h).
 
+#include "check_message.h"
 #include "depthwise_conv_args.h"
 
 #include <c10/util/Exception.h>
@@ -10,32 +11,32 @@ namespace dwconv {
 ConvArgs check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                          c10::DeviceType device) {
-  TORCH_CHECK_VALUE(x.defined(), op, ": expected x to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x to be a 4-D tensor of shape (B, C, H, W), but got shape ",
+  MK_CHECK_VALUE(x.defined(), op, ": expected x to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(x.dim() == 4, op, ": expected x to be a 4-D tensor of shape (B, C, H, W), but got shape ",
                     x.sizes());
-  TORCH_CHECK_VALUE(x.device().type() == device, op, ": expected x to be a ",
+  MK_CHECK_VALUE(x.device().type() == device, op, ": expected x to be a ",
                     c10::DeviceTypeName(device, /*lower_case=*/true), " tensor, but it is on ", x.device());
   const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op,
+  MK_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op,
                    ": expected x to have dtype float16, bfloat16, float32 or float64, but got ", dt);
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
+  MK_CHECK_VALUE(weight.defined() && weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
                         weight.size(2) == weight.size(3),
                     op, ": expected weight to have shape (C, 1, k, k) with C = ", C, ", but got ",
                     weight.defined() ? weight.sizes() : at::IntArrayRef{});
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": expected weight on x's device ", x.device(),
+  MK_CHECK_VALUE(weight.device() == x.device(), op, ": expected weight on x's device ", x.device(),
                     ", but it is on ", weight.device());
-  TORCH_CHECK_TYPE(weight.scalar_type() == dt, op, ": expected weight to have x's dtype ", dt, ", but got ",
+  MK_CHECK_TYPE(weight.scalar_type() == dt, op, ": expected weight to have x's dtype ", dt, ", but got ",
                    weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": expected weight to be contiguous");
+  MK_CHECK_VALUE(weight.is_contiguous(), op, ": expected weight to be contiguous");
   const int64_t k = weight.size(2);
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxKernel, op, ": expected the kernel size k to be in [1, ", kMaxKernel,
+  MK_CHECK_VALUE(k >= 1 && k <= kMaxKernel, op, ": expected the kernel size k to be in [1, ", kMaxKernel,
                     "], but got ", k);
   check_vector(op, "bias", bias, x, C);
-  TORCH_CHECK_VALUE(stride >= 1, op, ": expected stride >= 1, but got ", stride);
-  TORCH_CHECK_VALUE(padding >= 0, op, ": expected padding >= 0, but got ", padding);
+  MK_CHECK_VALUE(stride >= 1, op, ": expected stride >= 1, but got ", stride);
+  MK_CHECK_VALUE(padding >= 0, op, ": expected padding >= 0, but got ", padding);
   const int64_t H = x.size(2), W = x.size(3);
-  TORCH_CHECK_VALUE(H + 2 * padding >= k && W + 2 * padding >= k, op, ": x's spatial size (", H, ", ", W,
+  MK_CHECK_VALUE(H + 2 * padding >= k && W + 2 * padding >= k, op, ": x's spatial size (", H, ", ", W,
                     ") with padding ", padding, " is smaller than the kernel size ", k);
   ConvArgs a;
   a.g.B = x.size(0);
@@ -54,23 +55,23 @@ ConvArgs check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& 
 void check_vector(const char* op, const char* name, const c10::optional<at::Tensor>& v, const at::Tensor& x,
                   int64_t C) {
   if (!v.has_value() || !v->defined()) return;
-  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == C, op, ": expected ", name, " to have shape (C,) = (", C,
+  MK_CHECK_VALUE(v->dim() == 1 && v->size(0) == C, op, ": expected ", name, " to have shape (C,) = (", C,
                     ",), but got ", v->sizes());
-  TORCH_CHECK_VALUE(v->device() == x.device(), op, ": expected ", name, " on x's device ", x.device(),
+  MK_CHECK_VALUE(v->device() == x.device(), op, ": expected ", name, " on x's device ", x.device(),
                     ", but it is on ", v->device());
-  TORCH_CHECK_TYPE(v->scalar_type() == x.scalar_type(), op, ": expected ", name, " to have x's dtype ",
+  MK_CHECK_TYPE(v->scalar_type() == x.scalar_type(), op, ": expected ", name, " to have x's dtype ",
                    x.scalar_type(), ", but got ", v->scalar_type());
-  TORCH_CHECK_VALUE(v->is_contiguous(), op, ": expected ", name, " to be contiguous");
+  MK_CHECK_VALUE(v->is_contiguous(), op, ": expected ", name, " to be contiguous");
 }
 
 void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef shape,
                 const char* layout) {
-  TORCH_CHECK_VALUE(grad.defined(), op, ": expected grad to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(grad.sizes() == shape, op, ": expected grad to have shape ", layout, " = ", shape,
+  MK_CHECK_VALUE(grad.defined(), op, ": expected grad to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(grad.sizes() == shape, op, ": expected grad to have shape ", layout, " = ", shape,
                     ", but got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.device() == x.device(), op, ": expected grad on x's device ", x.device(),
+  MK_CHECK_VALUE(grad.device() == x.device(), op, ": expected grad on x's device ", x.device(),
                     ", but it is on ", grad.device());
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": expected grad to have x's dtype ",
+  MK_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": expected grad to have x's dtype ",
                    x.scalar_type(), ", but got ", grad.scalar_type());
 }
 
@@ -80,7 +81,7 @@ DwAct parse_activation(const char* op, const std::string& name) {
   if (name == "silu") return DwAct::kSilu;
   if (name == "gelu") return DwAct::kGelu;
   if (name == "relu") return DwAct::kRelu;
-  TORCH_CHECK_VALUE(false, op, ": expected activation to be one of 'none', 'silu', 'gelu', 'relu', but got '",
+  MK_CHECK_VALUE(false, op, ": expected activation to be one of 'none', 'silu', 'gelu', 'relu', but got '",
                     name, "'");
   return DwAct::kNone;
 }

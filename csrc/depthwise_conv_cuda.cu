@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check_message.h"
 #include "depthwise_conv_args.h"
 #include "depthwise_conv_math.h"
 #include "ops.h"
@@ -352,7 +353,7 @@ void launch_param_grads(const at::Tensor& x, const gz_t* gz, const Str4& zs, boo
   // enough blocks to fill the GPU, chunks of at least 64 pixels; the split depends on the shape only
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(pixels, 64), ceil_div(2048, ctiles)));
   const int64_t chunk = ceil_div(pixels, chunks);
-  TORCH_CHECK_VALUE(ctiles <= 65535 * 32 && chunks <= 65535, "depthwise_conv2d: too many channels for one launch");
+  MK_CHECK_VALUE(ctiles <= 65535 * 32 && chunks <= 65535, "depthwise_conv2d: too many channels for one launch");
   at::Tensor part = at::empty({chunks, g.C, kk + 1}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   with_layout(zs_channels_last, [&](auto cl) {
     constexpr bool kCL = decltype(cl)::value;
@@ -383,7 +384,7 @@ void launch_input_grad(const gz_t* gz, const Str4& zs, const at::Tensor& weight,
 
 // Warps per LayerNorm block so that `per_warp` bytes each fit in the shared memory budget.
 int ln_warps_per_block(const char* op, int64_t per_warp) {
-  TORCH_CHECK_VALUE(per_warp <= kLnSharedBytes, op, ": too many channels for the CUDA LayerNorm kernels (",
+  MK_CHECK_VALUE(per_warp <= kLnSharedBytes, op, ": too many channels for the CUDA LayerNorm kernels (",
                     per_warp, " bytes of shared memory per pixel, at most ", kLnSharedBytes, ")");
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, kLnSharedBytes / per_warp)));
 }
@@ -400,7 +401,7 @@ LnChecked check_ln(const char* op, const at::Tensor& x, const at::Tensor& weight
   r.conv = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CUDA);
   dwconv::check_vector(op, "ln_weight", ln_weight, x, r.conv.g.C);
   dwconv::check_vector(op, "ln_bias", ln_bias, x, r.conv.g.C);
-  TORCH_CHECK_VALUE(eps >= 0, op, ": expected eps >= 0, but got ", eps);
+  MK_CHECK_VALUE(eps >= 0, op, ": expected eps >= 0, but got ", eps);
   r.params = {dwconv::present(ln_weight) ? ln_weight->const_data_ptr() : nullptr,
               dwconv::present(ln_bias) ? ln_bias->const_data_ptr() : nullptr, eps};
   return r;

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "check_message.h"
 #include "depthwise_conv_cpu.h"
 #include "ops.h"
 
@@ -62,7 +63,7 @@ LnArgs check_ln_args(const char* op, const at::Tensor& x, const at::Tensor& weig
   a.conv = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CPU);
   dwconv::check_vector(op, "ln_weight", ln_weight, x, a.conv.g.C);
   dwconv::check_vector(op, "ln_bias", ln_bias, x, a.conv.g.C);
-  TORCH_CHECK_VALUE(eps >= 0, op, ": expected eps >= 0, but got ", eps);
+  MK_CHECK_VALUE(eps >= 0, op, ": expected eps >= 0, but got ", eps);
   a.has_gamma = ln_weight.has_value() && ln_weight->defined();
   a.has_beta = ln_bias.has_value() && ln_bias->defined();
   return a;

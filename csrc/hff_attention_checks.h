@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "check_message.h"
 #include "checks.h"
 
 namespace medkernels {
@@ -22,14 +23,14 @@ inline at::ScalarType hff_acc_dtype(at::ScalarType t) {
 
 inline void hff_check_operand(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                               at::IntArrayRef shape, const char* layout, c10::DeviceType device) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": expected ", name, " to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(t.device().type() == device, op, ": expected ", name, " to be a ",
+  MK_CHECK_VALUE(t.defined(), op, ": expected ", name, " to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(t.device().type() == device, op, ": expected ", name, " to be a ",
                     c10::DeviceTypeName(device, /*lower_case=*/true), " tensor, but it is on ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype, ", but got ",
+  MK_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype, ", but got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " to have shape ", layout, " = ", shape,
+  MK_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " to have shape ", layout, " = ", shape,
                     ", but got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name,
+  MK_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name,
                     " to be contiguous (call .contiguous() first); got shape ", t.sizes(), " with strides ",
                     t.strides());
 }
@@ -48,9 +49,9 @@ inline void hff_check_optional(const c10::optional<at::Tensor>& t, const char* o
 // medkernels.ops functions compute an empty batch without the kernels).
 inline void hff_check_feature(const at::Tensor& x, const char* op, const char* name, c10::DeviceType device) {
   check_cross_scan_input(x, op, name, 4, "(B, C, H, W)", device);
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op, ": expected ", name,
+  MK_CHECK_VALUE(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op, ": expected ", name,
                     " to have at least one channel and one pixel, but got shape ", x.sizes());
-  TORCH_CHECK_VALUE(device != c10::DeviceType::CUDA || x.size(0) >= 1, op, ": expected ", name,
+  MK_CHECK_VALUE(device != c10::DeviceType::CUDA || x.size(0) >= 1, op, ": expected ", name,
                     " to hold at least one image, but got shape ", x.sizes());
 }
 
@@ -61,21 +62,21 @@ inline int hff_check_spatial_gate(const char* op, c10::DeviceType device, const 
                                   const c10::optional<at::Tensor>& running_mean,
                                   const c10::optional<at::Tensor>& running_var, bool use_batch_stats) {
   hff_check_feature(x, op, "x", device);
-  TORCH_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": x has too many channels: ", x.size(1));
+  MK_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": x has too many channels: ", x.size(1));
   const auto acc = hff_acc_dtype(x.scalar_type());
-  TORCH_CHECK_VALUE(conv_weight.defined() && conv_weight.dim() == 4, op,
+  MK_CHECK_VALUE(conv_weight.defined() && conv_weight.dim() == 4, op,
                     ": expected conv_weight to be a 4-D tensor of shape (1, 2, k, k)");
   const int64_t k = conv_weight.size(3);
-  TORCH_CHECK_VALUE(k % 2 == 1 && k <= 31, op, ": expected an odd kernel size k <= 31, but conv_weight has shape ",
+  MK_CHECK_VALUE(k % 2 == 1 && k <= 31, op, ": expected an odd kernel size k <= 31, but conv_weight has shape ",
                     conv_weight.sizes());
   hff_check_operand(conv_weight, op, "conv_weight", acc, {1, 2, k, k}, "(1, 2, k, k)", device);
   hff_check_optional(bn_weight, op, "bn_weight", acc, {1}, "(1,)", device);
   hff_check_optional(bn_bias, op, "bn_bias", acc, {1}, "(1,)", device);
   if (use_batch_stats) {
-    TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) >= 2, op,
+    MK_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) >= 2, op,
                       ": batch statistics need more than one value of the map, but x has shape ", x.sizes());
   } else {
-    TORCH_CHECK_VALUE(hff_present(running_mean) && hff_present(running_var), op,
+    MK_CHECK_VALUE(hff_present(running_mean) && hff_present(running_var), op,
                       ": running_mean and running_var are required without batch statistics");
     hff_check_optional(running_mean, op, "running_mean", acc, {1}, "(1,)", device);
     hff_check_optional(running_var, op, "running_var", acc, {1}, "(1,)", device);
@@ -97,7 +98,7 @@ inline void hff_check_channel_gate(const char* op, c10::DeviceType device, const
   hff_check_feature(x, op, "x", device);
   const auto acc = hff_acc_dtype(x.scalar_type());
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(fc1_weight.defined() && fc1_weight.dim() == 2, op,
+  MK_CHECK_VALUE(fc1_weight.defined() && fc1_weight.dim() == 2, op,
                     ": expected fc1_weight to be a 2-D tensor of shape (hidden, C)");
   const int64_t hidden = fc1_weight.size(0);
   hff_check_operand(fc1_weight, op, "fc1_weight", acc, {hidden, C}, "(hidden, C)", device);
@@ -143,7 +144,7 @@ inline void hff_check_fused_tail(const char* op, c10::DeviceType device, const a
   const int64_t B = l.size(0), H = l.size(2), W = l.size(3);
   const auto dt = l.scalar_type();
   const auto acc = hff_acc_dtype(dt);
-  TORCH_CHECK_VALUE(g.defined() && g.dim() == 4 && x_f.defined() && x_f.dim() == 4, op,
+  MK_CHECK_VALUE(g.defined() && g.dim() == 4 && x_f.defined() && x_f.dim() == 4, op,
                     ": expected g and x_f to be 4-D tensors of shape (B, C, H, W)");
   hff_check_operand(g, op, "g", dt, {B, g.size(1), H, W}, "(B, C2, H, W)", device);
   hff_check_operand(x_f, op, "x_f", dt, {B, x_f.size(1), H, W}, "(B, Ci, H, W)", device);

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "check_message.h"
 #include "hff_attention_checks.h"
 #include "hff_attention_math.h"
 #include "hff_cuda_utils.cuh"
@@ -166,7 +167,7 @@ TailArgs<scalar_t, acc_t> tail_args(const at::Tensor& l, const at::Tensor& g, co
 }
 
 dim3 tail_grid(int64_t B, int64_t HW) {
-  TORCH_CHECK_VALUE(B <= 65535, "hff_fused_tail_cuda: batch size ", B, " is too large (at most 65535)");
+  MK_CHECK_VALUE(B <= 65535, "hff_fused_tail_cuda: batch size ", B, " is too large (at most 65535)");
   return dim3(static_cast<unsigned int>((HW + kPixels - 1) / kPixels), static_cast<unsigned int>(B));
 }
 

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check_message.h"
 #include "checks.h"
 #include "cross_scan.h"
 #include "ops.h"
@@ -855,14 +856,14 @@ void reduce_over_batch(const acc_t* part, acc_t* out, int64_t batch, int64_t siz
 
 void check_operand(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                    at::IntArrayRef shape, const char* layout) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": expected ", name, " to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": expected ", name, " to be a cpu tensor, but it is on ",
+  MK_CHECK_VALUE(t.defined(), op, ": expected ", name, " to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(t.device().is_cpu(), op, ": expected ", name, " to be a cpu tensor, but it is on ",
                     t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
+  MK_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
                    ", but got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " to have shape ", layout, " = ", shape,
+  MK_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " to have shape ", layout, " = ", shape,
                     ", but got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name,
+  MK_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name,
                     " to be contiguous (call .contiguous() first); got shape ", t.sizes(),
                     " with strides ", t.strides());
 }
@@ -883,10 +884,10 @@ at::ScalarType state_dtype(at::ScalarType t) {
 // A (rows, N) in the state dtype; returns N.
 int64_t check_A(const at::Tensor& A, const char* op, int64_t rows, const char* layout,
                 at::ScalarType sdt) {
-  TORCH_CHECK_VALUE(A.defined(), op, ": expected A to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(A.dim() == 2, op, ": expected A to be a 2-D tensor of shape ", layout, ", but got a ",
+  MK_CHECK_VALUE(A.defined(), op, ": expected A to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(A.dim() == 2, op, ": expected A to be a 2-D tensor of shape ", layout, ", but got a ",
                     A.dim(), "-D tensor of shape ", A.sizes());
-  TORCH_CHECK_VALUE(A.size(1) >= 1, op, ": expected A's state size N = A.size(1) >= 1, but got shape ",
+  MK_CHECK_VALUE(A.size(1) >= 1, op, ": expected A's state size N = A.size(1) >= 1, but got shape ",
                     A.sizes());
   check_operand(A, op, "A", sdt, {rows, A.size(1)}, layout);
   return A.size(1);
@@ -910,11 +911,11 @@ ScanShapes check_selective_scan(const char* op, MEDKERNELS_SELECTIVE_SCAN_FWD_AR
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   check_operand(delta, op, "delta", dt, u.sizes(), "(batch, dim, L)");
   const int64_t N = check_A(A, op, dim, "(dim, N)", sdt);
-  TORCH_CHECK_VALUE(B.defined() && B.dim() == 4, op,
+  MK_CHECK_VALUE(B.defined() && B.dim() == 4, op,
                     ": expected B to be a 4-D tensor of shape (batch, G, N, L), but got ",
                     B.defined() ? B.sizes() : at::IntArrayRef{});
   const int64_t groups = B.size(1);
-  TORCH_CHECK_VALUE(groups >= 1 && dim % groups == 0, op, ": expected B's group count G = ", groups,
+  MK_CHECK_VALUE(groups >= 1 && dim % groups == 0, op, ": expected B's group count G = ", groups,
                     " to be >= 1 and divide dim = ", dim);
   check_operand(B, op, "B", dt, {batch, groups, N, L}, "(batch, G, N, L)");
   check_operand(C, op, "C", dt, {batch, groups, N, L}, "(batch, G, N, L)");
@@ -1099,7 +1100,7 @@ std::vector<at::Tensor> ss2d_scan_fwd_cpu(MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
 std::vector<at::Tensor> ss2d_scan_bwd_cpu(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
   const char* op = "ss2d_scan_bwd_cpu";
   const ScanShapes s = check_ss2d_scan(op, u, delta, A, B, C, D_skip, delta_bias, delta_softplus);
-  TORCH_CHECK_VALUE(dout.defined(), op, ": expected dout to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(dout.defined(), op, ": expected dout to be a tensor, but got an undefined tensor");
   // dout may come as (batch, dim, H, W) or flattened (batch, dim, H * W).
   const bool flat = dout.dim() == 3;
   if (flat) {

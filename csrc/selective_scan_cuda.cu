@@ -34,6 +34,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include "check_message.h"
 #include "cross_scan.h"
 #include "ops.h"
 #include "selective_scan_math.h"
@@ -493,27 +494,27 @@ at::ScalarType state_dtype_of(at::ScalarType t) {
 
 void check_operand(const at::Tensor& t, const char* op, const char* arg, const at::Tensor& u,
                    at::IntArrayRef shape, const char* layout, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": expected ", arg, " to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(t.device() == u.device(), op, ": expected ", arg, " to be on ", u.device(),
+  MK_CHECK_VALUE(t.defined(), op, ": expected ", arg, " to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(t.device() == u.device(), op, ": expected ", arg, " to be on ", u.device(),
                     " (the device of u), but it is on ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", arg, " to have dtype ", dtype,
+  MK_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", arg, " to have dtype ", dtype,
                    ", but got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected ", arg, " of shape ", layout, " = ", shape,
+  MK_CHECK_VALUE(t.sizes() == shape, op, ": expected ", arg, " of shape ", layout, " = ", shape,
                     ", but got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", arg,
+  MK_CHECK_VALUE(t.is_contiguous(), op, ": expected ", arg,
                     " to be contiguous (call .contiguous() first); got shape ", t.sizes(), " with strides ",
                     t.strides());
 }
 
 void check_u(const at::Tensor& u, const char* op, int64_t rank, const char* layout) {
-  TORCH_CHECK_VALUE(u.defined(), op, ": expected u to be a tensor, but got an undefined tensor");
-  TORCH_CHECK_VALUE(u.dim() == rank, op, ": expected u to be a ", rank, "-D tensor of shape ", layout,
+  MK_CHECK_VALUE(u.defined(), op, ": expected u to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(u.dim() == rank, op, ": expected u to be a ", rank, "-D tensor of shape ", layout,
                     ", but got a ", u.dim(), "-D tensor of shape ", u.sizes());
-  TORCH_CHECK_VALUE(u.is_cuda(), op, ": expected u to be a cuda tensor, but it is on ", u.device());
+  MK_CHECK_VALUE(u.is_cuda(), op, ": expected u to be a cuda tensor, but it is on ", u.device());
   const auto dtype = u.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+  MK_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
                    op, ": expected u to have dtype float16, bfloat16, float32 or float64, but got ", dtype);
-  TORCH_CHECK_VALUE(u.is_contiguous(), op, ": expected u to be contiguous (call .contiguous() first); got shape ",
+  MK_CHECK_VALUE(u.is_contiguous(), op, ": expected u to be contiguous (call .contiguous() first); got shape ",
                     u.sizes(), " with strides ", u.strides());
 }
 
@@ -523,7 +524,7 @@ struct Problem {
 };
 
 void check_state_size(int64_t N, const char* op) {
-  TORCH_CHECK_VALUE(N >= 1 && N <= kMaxState, op, ": expected A's state size N in [1, ", kMaxState,
+  MK_CHECK_VALUE(N >= 1 && N <= kMaxState, op, ": expected A's state size N in [1, ", kMaxState,
                     "], but got N = ", N);
 }
 
@@ -539,13 +540,13 @@ Problem check_selective_scan(const char* op, const at::Tensor& u, const at::Tens
   const auto T = u.scalar_type();
   const auto S = state_dtype_of(T);
   check_operand(delta, op, "delta", u, u.sizes(), "(B, D, L)", T);
-  TORCH_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (D, N)");
+  MK_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (D, N)");
   pr.N = A.size(1);
   check_operand(A, op, "A", u, {pr.channels, pr.N}, "(D, N)", S);
   check_state_size(pr.N, op);
-  TORCH_CHECK_VALUE(B.defined() && B.dim() == 4, op, ": expected B to be a 4-D tensor of shape (B, G, N, L)");
+  MK_CHECK_VALUE(B.defined() && B.dim() == 4, op, ": expected B to be a 4-D tensor of shape (B, G, N, L)");
   pr.groups = B.size(1);
-  TORCH_CHECK_VALUE(pr.groups >= 1 && pr.channels % pr.groups == 0, op, ": expected B's group count G = ",
+  MK_CHECK_VALUE(pr.groups >= 1 && pr.channels % pr.groups == 0, op, ": expected B's group count G = ",
                     pr.groups, " to divide D = ", pr.channels);
   check_operand(B, op, "B", u, {pr.batch, pr.groups, pr.N, pr.L}, "(B, G, N, L)", T);
   check_operand(C, op, "C", u, {pr.batch, pr.groups, pr.N, pr.L}, "(B, G, N, L)", T);
@@ -577,7 +578,7 @@ Problem check_ss2d_scan(const char* op, const at::Tensor& u, const at::Tensor& d
   const auto S = state_dtype_of(T);
   check_operand(delta, op, "delta", u, {pr.batch, kCrossScanDirections, pr.channels, pr.H, pr.W},
                 "(B, 4, D, H, W)", T);
-  TORCH_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (4 * D, N)");
+  MK_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (4 * D, N)");
   pr.N = A.size(1);
   check_operand(A, op, "A", u, {pr.rows, pr.N}, "(4 * D, N)", S);
   check_state_size(pr.N, op);
@@ -613,7 +614,7 @@ int64_t chunk_count(int64_t L) {
 
 unsigned int grid_for(const Problem& pr, const char* op) {
   const int64_t blocks = pr.batch * pr.rows;
-  TORCH_CHECK_VALUE(blocks <= static_cast<int64_t>(0x7fffffff), op, ": batch * rows = ", blocks,
+  MK_CHECK_VALUE(blocks <= static_cast<int64_t>(0x7fffffff), op, ": batch * rows = ", blocks,
                     " exceeds the grid limit of 2^31 - 1 blocks");
   return static_cast<unsigned int>(blocks);
 }
@@ -774,7 +775,7 @@ std::vector<at::Tensor> ss2d_scan_bwd_cuda(const at::Tensor& dout, MEDKERNELS_SS
   const auto T = u.scalar_type();
   const auto S = state_dtype_of(T);
   // dout: the output's (B, D, H * W), or u's (B, D, H, W).
-  TORCH_CHECK_VALUE(dout.defined(), op, ": expected dout to be a tensor, but got an undefined tensor");
+  MK_CHECK_VALUE(dout.defined(), op, ": expected dout to be a tensor, but got an undefined tensor");
   if (dout.dim() == 4) {
     check_operand(dout, op, "dout", u, u.sizes(), "(B, D, H, W)", T);
   } else {

@@ -63,23 +63,23 @@ def _tail_fwd_kernel(l_ptr, g_ptr, xf_ptr, sg_ptr, cg_ptr, w_ptr, bias_ptr, out_
     sg = tl.load(sg_ptr + b * HW + p, mask=pmask, other=0.0)
     total = tl.zeros([BLOCK_P], ACC)
     for part in tl.static_range(3):
-        src, count, _ = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
+        src, count, offset = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
         for c0 in range(0, count, BLOCK_C):
-            v, _, _, _ = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
+            v, raw, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
             total += tl.sum(v, axis=0)
     mean = total / CT
     sq = tl.zeros([BLOCK_P], ACC)
     for part in tl.static_range(3):
-        src, count, _ = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
+        src, count, offset = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
         for c0 in range(0, count, BLOCK_C):
-            v, _, m, _ = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
+            v, raw, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
             centred = tl.where(m, v - mean[None, :], 0.0)
             sq += tl.sum(centred * centred, axis=0)
     rstd = 1.0 / tl.sqrt(sq / CT + eps)
     for part in tl.static_range(3):
         src, count, offset = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
         for c0 in range(0, count, BLOCK_C):
-            v, _, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
+            v, raw, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
             w = tl.load(w_ptr + offset + c, mask=c < count, other=0.0)
             bias = tl.load(bias_ptr + offset + c, mask=c < count, other=0.0)
             y = (v - mean[None, :]) * rstd[None, :] * w[:, None] + bias[:, None]
@@ -105,7 +105,7 @@ def _tail_bwd_kernel(dout_ptr, l_ptr, g_ptr, xf_ptr, sg_ptr, cg_ptr, w_ptr, mean
     for part in tl.static_range(3):
         src, count, offset = _part(part, l_ptr, g_ptr, xf_ptr, C1, C2, Ci)
         for c0 in range(0, count, BLOCK_C):
-            v, _, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
+            v, raw, m, c = _gated_tile(src, cg_ptr, sg, b, c0, count, HW, p, pmask, part, ACC, BLOCK_C)
             xhat = tl.where(m, (v - mean[None, :]) * rstd[None, :], 0.0)
             d = tl.load(dout_ptr + (b * CT + offset + c[:, None]) * HW + p[None, :], mask=m, other=0.0).to(ACC)
             w = tl.load(w_ptr + offset + c, mask=c < count, other=0.0)

@@ -33,9 +33,24 @@ _requested = contextvars.ContextVar("medkernels_backend", default=None)
 _default = None  # set by set_backend; None means MEDKERNELS_BACKEND or "auto"
 
 
+def _context_choice():
+    return _requested.get()
+
+
+def _torch_at_least(major, minor):
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
+
+
+if not _torch_at_least(2, 14):
+    # torch.compile before 2.14 (checked on 2.11) cannot trace ContextVar.get and breaks the graph there; the
+    # choice is read once at trace time instead, so a use_backend block around a compiled call must be entered
+    # before its first call (torch 2.14 traces the read itself)
+    _context_choice = torch._dynamo.assume_constant_result(_context_choice)
+
+
 def get_backend():
     """The backend asked for now: use_backend's, else set_backend's, else $MEDKERNELS_BACKEND, else "auto"."""
-    name = _requested.get() or _default or os.environ.get("MEDKERNELS_BACKEND") or "auto"
+    name = _context_choice() or _default or os.environ.get("MEDKERNELS_BACKEND") or "auto"
     return _check_choice(name)
 
 
@@ -104,8 +119,30 @@ def _probe(name):
             return f"the Triton kernels (medkernels.kernels) are not installed ({exc})"
         if not torch.cuda.is_available() and not triton_interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors, slowly)"
+        if not torch.cuda.is_available():
+            return _interpreter_numpy_problem()
         return None
     raise ValueError(f"unknown backend {name!r}")
+
+
+def _version(text):
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _interpreter_numpy_problem():
+    """Triton 3.6's interpreter turns runtime loop bounds into Python ints with int() of a one-element array,
+    which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); checked with
+    triton 3.6.0 + numpy 2.4.6 (fails) and numpy 2.3 (works). Triton 3.8 is fine with numpy 2.4."""
+    import triton
+
+    try:
+        import numpy
+    except ImportError:
+        return "the Triton interpreter needs numpy (pip install numpy)"
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} fails with numpy {numpy.__version__}: "
+                "install numpy<2.4, or triton>=3.8")
+    return None
 
 
 def available_backends():
@@ -132,7 +169,17 @@ class OpTable:
         self._loaders = {"ref": lambda: ref}
         self._loaded = {}
         self._nondeterministic = set()
+        self._auto_uses_ref = {}
         OPS[name] = self
+
+    def prefer_ref_for_auto(self, device_type, reason):
+        """Make ``auto`` run the reference (plain PyTorch) on `device_type` tensors, where measurements showed
+        every kernel of this op slower than PyTorch there; `reason` records the measurement. An explicitly
+        requested backend still runs."""
+        self._auto_uses_ref[device_type] = reason
+
+    def auto_uses_ref(self, device_type):
+        return device_type in self._auto_uses_ref
 
     def register(self, backend, loader, deterministic=True):
         """Add `backend`'s implementation; `deterministic=False` marks one whose results can vary from run to
@@ -174,6 +221,8 @@ def resolve(table, device):
     device_type = torch.device(device).type
     requested = get_backend()
     if requested == "auto":
+        if table.auto_uses_ref(device_type):
+            return "ref"
         order = _AUTO_ORDER.get(device_type, ())
         for backend in order:
             reason = unavailable_reason(backend)

@@ -131,3 +131,31 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_auto_runs_pytorch_where_the_kernels_measured_slower(monkeypatch):
+    # the depthwise kernels lost to cuDNN on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-depthwise.txt):
+    # auto takes the reference on CUDA tensors, an explicit request still gets its kernels, CPU is unchanged
+    from medkernels.ops.depthwise_conv import DEPTHWISE_CONV2D
+    from medkernels.ops.depthwise_layernorm import DEPTHWISE_CONV2D_LAYERNORM
+
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None)
+    for table in (DEPTHWISE_CONV2D, DEPTHWISE_CONV2D_LAYERNORM):
+        with medkernels.use_backend("auto"):
+            assert _backend.resolve(table, torch.device("cuda")) == "ref"
+            assert _backend.resolve(table, torch.device("cpu")) == "cpu"
+        with medkernels.use_backend("cuda"):
+            assert _backend.resolve(table, torch.device("cuda")) == "cuda"
+    with medkernels.use_backend("auto"):
+        assert _backend.resolve(CROSS_SCAN, torch.device("cuda")) == "cuda"
+
+
+def test_eager_reference_depthwise_is_plain_pytorch_autograd():
+    # on the reference backend, eager calls skip the custom op: the graph holds PyTorch's own backward nodes
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, requires_grad=True)
+    with medkernels.use_backend("ref"):
+        y = medkernels.ops.depthwise_conv2d(x, w, None, activation="silu")
+    assert "medkernels" not in type(y.grad_fn).__name__.lower() and "Silu" in type(y.grad_fn).__name__
+    expected = torch.nn.functional.silu(torch.nn.functional.conv2d(x, w, None, 1, 1, groups=3))
+    torch.testing.assert_close(y, expected)

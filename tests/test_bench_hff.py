@@ -31,8 +31,8 @@ def test_hff_bench_main_writes_json(tmp_path, monkeypatch, capsys):
     import json
 
     tiny = functools.partial(bench_hff.bench_hff, scales=((16, 4),), batch=2)
-    monkeypatch.setattr(bench_hff, "bench_hff", lambda device, time_call, warmup, repeats, quick: tiny(
-        device, time_call, warmup, repeats, quick=quick))
+    monkeypatch.setattr(bench_hff, "bench_hff", lambda device, time_call, warmup, repeats, quick, dtypes: tiny(
+        device, time_call, warmup, repeats, quick=quick, dtypes=dtypes))
     path = tmp_path / "hff.json"
     assert bench_hff.main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--json", str(path)]) == 0
     record = json.loads(path.read_text())

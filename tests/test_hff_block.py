@@ -82,7 +82,7 @@ def _step(block, forward, inputs, training, all_parameters=False, cotangent_dtyp
     out = forward(block, *inputs)
     params = dict(block.named_parameters()) if all_parameters else _checked_parameters(block, block.norm3.weight.shape[0] // 3)
     leaves = [t for t in inputs if t is not None] + list(params.values())
-    cot = randn(out.shape, 4, cotangent_dtype or out.dtype).to(out.dtype)
+    cot = randn(out.shape, 4, cotangent_dtype or out.dtype).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, leaves, cot, allow_unused=True)
     n = sum(t is not None for t in inputs)
     return out, grads[:n], dict(zip(params, grads[n:])), {k: v.clone() for k, v in block.named_buffers()}

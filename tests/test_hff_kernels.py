@@ -34,7 +34,7 @@ def _shape(backend):
 def _grads(out, inputs, seed, rounded_like=None):
     """Gradients of `out` against a seeded random cotangent in out's dtype, or with the values rounded to
     `rounded_like`'s dtype (a float64 reference gets the cotangent the low-precision op got)."""
-    cot = randn(out.shape, seed, out.dtype if rounded_like is None else rounded_like.dtype).to(out.dtype)
+    cot = randn(out.shape, seed, out.dtype if rounded_like is None else rounded_like.dtype).to(out.device, out.dtype)
     return torch.autograd.grad(out, [t for t in inputs if t is not None], cot)
 
 
@@ -344,7 +344,7 @@ def _all_ops_once(x, sgw, w1, w2, lnw, lnb):
             hff_channel_attention(x, w1, w2),
             hff_attention_tail(x, x, x, *sgw, None, None, True, w1, w2, lnw, lnb)]
     leaves = [x, *sgw, w1, w2, lnw, lnb]
-    loss = sum((out.double() * randn(out.shape, 50 + i)).sum() for i, out in enumerate(outs))
+    loss = sum((out.double() * randn(out.shape, 50 + i).to(out.device)).sum() for i, out in enumerate(outs))
     return outs + list(torch.autograd.grad(loss, leaves))
 
 

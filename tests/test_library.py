@@ -41,16 +41,16 @@ def _backward_calls(backend):
     ops_ = torch.ops.medkernels
     result = {}
     _, (x, w, b, stride, padding, act) = calls["depthwise_conv2d_fwd_channels_last"]
-    out = ops_.depthwise_conv2d_fwd(x, w, b, stride, padding, act, backend)
+    out = ops_.depthwise_conv2d_fwd(x, w, b, stride, padding, act, backend, None)
     result["depthwise_conv2d_bwd"] = (ops_.depthwise_conv2d_bwd, (like(out), x, w, b, stride, padding, act))
     _, args = calls["depthwise_conv2d_layernorm_fwd"]
     out = ops_.depthwise_conv2d_layernorm_fwd(*args, backend)
     result["depthwise_conv2d_layernorm_bwd"] = (ops_.depthwise_conv2d_layernorm_bwd, (like(out),) + args)
     _, args = calls["hff_spatial_attention_train"]
-    y, _, _, pooled, argmax = ops_.hff_spatial_attention_fwd(*args, backend)
+    y, _, _, pooled, argmax = ops_.hff_spatial_attention_fwd(*args, backend, False)
     result["hff_spatial_attention_bwd"] = (ops_.hff_spatial_attention_bwd, (like(y), pooled, argmax) + args)
     _, args = calls["hff_channel_attention_fwd"]
-    y, pooled, argmax = ops_.hff_channel_attention_fwd(*args, backend)
+    y, pooled, argmax = ops_.hff_channel_attention_fwd(*args, backend, False)
     result["hff_channel_attention_bwd"] = (ops_.hff_channel_attention_bwd, (like(y), pooled, argmax) + args)
     _, args = calls["hff_fused_tail_fwd"]
     out, mean, rstd = ops_.hff_fused_tail_fwd(*args, backend)
@@ -67,6 +67,11 @@ def _backward_calls(backend):
     return result
 
 
+# arguments after the backend; the schemas have no defaults (see medkernels/ops/hff_attention.py)
+TRAILING = {"depthwise_conv2d_fwd": (None,), "hff_spatial_attention_eval": (False,), "hff_channel_attention_fwd": (False,),
+            "hff_spatial_attention_bwd": (False,), "hff_channel_attention_bwd": (False,)}
+
+
 # the HFF forward ops and the depthwise conv in other layouts have their opcheck in test_hff_kernels.py and
 # test_depthwise_conv_kernels.py; here they only feed the backward ops below
 FORWARD_CHECKED_HERE = ["selective_scan_fwd", "ss2d_scan_fwd", "cross_scan", "cross_merge", "depthwise_conv2d_fwd",
@@ -78,7 +83,7 @@ FORWARD_CHECKED_HERE = ["selective_scan_fwd", "ss2d_scan_fwd", "cross_scan", "cr
 def test_opcheck(cpu_backend, name):
     op, args = _sample_calls()[name]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.dim() > 1 else a for a in args)
-    torch.library.opcheck(op, args + (cpu_backend,))
+    torch.library.opcheck(op, args + (cpu_backend,) + TRAILING.get(name, ()))
 
 
 @pytest.mark.parametrize("name", ["depthwise_conv2d_bwd", "depthwise_conv2d_layernorm_bwd", "hff_spatial_attention_bwd",
@@ -91,7 +96,7 @@ def test_opcheck_backward_ops(cpu_backend, name):
         # schemas and fake kernels are checked on the kernel backends, which implement the same contract
         pytest.skip("opcheck cannot trace torch.func inside the reference backward")
     op, args = _backward_calls(cpu_backend)[name]
-    torch.library.opcheck(op, args + (cpu_backend,))
+    torch.library.opcheck(op, args + (cpu_backend,) + TRAILING.get(name, ()))
 
 
 class _TinySS2DLike(torch.nn.Module):

@@ -48,6 +48,11 @@ def kernel_function(backend, name):
 
 
 DEPTHWISE_CONV2D = OpTable("depthwise_conv2d", ref=_RefImpl)
+# H100, torch 2.11, batch 64, channels_last fp16/bf16, HiFuse/MedMamba shapes (benchmarks/results/
+# nvidia-h100-80gb-hbm3-depthwise.txt): the cuda kernels took 2.2-4.2x cuDNN + activation's time forward and
+# 1.8-8.3x forward+backward, the triton ones 1.1-4.2x and 2.4-6.7x. Until they are faster, auto runs PyTorch.
+GPU_AUTO_REASON = "slower than cuDNN on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-depthwise.txt)"
+DEPTHWISE_CONV2D.prefer_ref_for_auto("cuda", GPU_AUTO_REASON)
 for _name in ("cpu", "cuda", "triton"):
     DEPTHWISE_CONV2D.register(_name, lambda b=_name: _KernelImpl(kernel_function(b, "depthwise_conv2d_fwd"),
                                                                  kernel_function(b, "depthwise_conv2d_bwd")))
@@ -184,6 +189,9 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=No
     else:
         raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, got {memory_format!r}")
     backend = resolve(DEPTHWISE_CONV2D, x.device)
+    if backend == "ref" and eager_plain(x, weight, bias):
+        # plain PyTorch with its own autograd: the custom op would only add dispatch and a functorch backward
+        return depthwise_conv2d_ref(x, weight, bias, stride, padding, name, channels_last)
     if backend in _DIRECT_BACKENDS and eager_plain(x, weight, bias):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
