@@ -37,7 +37,6 @@ for s in "$@"; do
     sanitize) stage sanitize 240 bash -c "for t in ${SANITIZE_TOOLS:-memcheck racecheck}; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/gpu_sanitize.py --backend cuda; echo \"\$t rc=\$?\"; done" ;;
     bench-dw) stage bench-dw 200 "$PY" -m medkernels.bench_depthwise --device cuda --full ;;
     bench-hff) stage bench-hff 300 "$PY" -m medkernels.bench_hff --device cuda --json "$OUT/hff.json" ${BENCH_HFF_ARGS:-} ;;
-    probe) [ -f scratch/probe_errors.py ] && stage probe 90 "$PY" scratch/probe_errors.py ;;
     bench) stage bench 580 "$PY" -m medkernels.bench ${BENCH_ARGS:---full} --no-progress --no-plot --out "$OUT/gpu.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac

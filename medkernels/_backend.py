@@ -37,11 +37,12 @@ def _context_choice():
     return _requested.get()
 
 
-def _torch_at_least(major, minor):
-    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
+def _version(text):
+    """(major, minor) of a version string such as "2.11.0+cu130"."""
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
 
 
-if not _torch_at_least(2, 14):
+if _version(torch.__version__) < (2, 14):
     # torch.compile before 2.14 (checked on 2.11) cannot trace ContextVar.get and breaks the graph there; the
     # choice is read once at trace time instead, so a use_backend block around a compiled call must be entered
     # before its first call (torch 2.14 traces the read itself)
@@ -125,10 +126,6 @@ def _probe(name):
     raise ValueError(f"unknown backend {name!r}")
 
 
-def _version(text):
-    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
-
-
 def _interpreter_numpy_problem():
     """Triton 3.6's interpreter turns runtime loop bounds into Python ints with int() of a one-element array,
     which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); checked with
@@ -169,14 +166,14 @@ class OpTable:
         self._loaders = {"ref": lambda: ref}
         self._loaded = {}
         self._nondeterministic = set()
-        self._auto_uses_ref = {}
+        self._auto_uses_ref = set()
         OPS[name] = self
 
-    def prefer_ref_for_auto(self, device_type, reason):
+    def prefer_ref_for_auto(self, device_type):
         """Make ``auto`` run the reference (plain PyTorch) on `device_type` tensors, where measurements showed
-        every kernel of this op slower than PyTorch there; `reason` records the measurement. An explicitly
-        requested backend still runs."""
-        self._auto_uses_ref[device_type] = reason
+        every kernel of this op slower than PyTorch there (the caller cites them). An explicitly requested
+        backend still runs."""
+        self._auto_uses_ref.add(device_type)
 
     def auto_uses_ref(self, device_type):
         return device_type in self._auto_uses_ref

@@ -6,7 +6,7 @@ import torch
 
 from .._backend import OpTable, resolve
 from ._common import check_same_device, check_tensor, eager_plain, vjp
-from .depthwise_conv import GPU_AUTO_REASON, _contiguous, kernel_function, validate_conv
+from .depthwise_conv import _contiguous, kernel_function, validate_conv
 from .depthwise_conv_ref import depthwise_conv2d_layernorm_ref
 
 
@@ -38,7 +38,7 @@ class _KernelImpl:
 DEPTHWISE_CONV2D_LAYERNORM = OpTable("depthwise_conv2d_layernorm", ref=_RefImpl)
 # on the H100 the fused kernels took 1.4-4.8x (cuda) and 1.9-5.0x (triton) PyTorch's conv + LayerNorm time forward
 # and backward (same file as depthwise_conv2d's)
-DEPTHWISE_CONV2D_LAYERNORM.prefer_ref_for_auto("cuda", GPU_AUTO_REASON)
+DEPTHWISE_CONV2D_LAYERNORM.prefer_ref_for_auto("cuda")
 for _name in ("cpu", "cuda", "triton"):
     DEPTHWISE_CONV2D_LAYERNORM.register(
         _name, lambda b=_name: _KernelImpl(kernel_function(b, "depthwise_conv2d_layernorm_fwd"),
