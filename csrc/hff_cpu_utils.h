@@ -16,10 +16,21 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEDKERNELS_HFF_FORCE_GENERIC)
 #define MK_HFF_X86_DISPATCH 1
 #define MK_HFF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MK_HFF_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")))
 #endif
 
 namespace medkernels {
 namespace hff_cpu {
+
+// AVX-512F (used by the channel MLP's double loops only).
+inline bool use_avx512() {
+#ifdef MK_HFF_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
 
 inline bool use_avx2() {
 #ifdef MK_HFF_X86_DISPATCH

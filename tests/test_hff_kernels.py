@@ -235,6 +235,53 @@ def test_attention_tail_is_the_three_ops(cpu_backend):
         assert_close_scaled(a, b, 1e-6, "combined vs three ops")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_attention_tail_eager_fast_path_matches_custom_op(device_backend, training):
+    """Plain eager calls skip the torch.library op's dispatch and call its implementation directly: outputs,
+    every gradient and the running statistics must be those of the op itself, and the op must still be what
+    runs under a dispatch mode."""
+    device, backend = device_backend
+    features, weights, stats = _attention_tail_case(backend, torch.float32, seed=97)
+    results = []
+    for direct in (True, False):
+        inputs = [t.to(device).clone().requires_grad_(True) for t in features + weights]
+        running = [s.to(device).clone() for s in stats]
+        cw, bw, bb, w1, w2, lnw, lnb = inputs[3:]
+        with medkernels.use_backend(backend):
+            if direct:
+                out = _call_attention_tail(inputs[:3], inputs[3:], running, training)
+                # the compiled backends take the fast path; ref and triton go through the op
+                takes_fast_path = backend in ("cpu", "cuda")
+                assert ("DirectAttentionTail" in type(out.grad_fn).__name__) == takes_fast_path
+            else:
+                out = torch.ops.medkernels.hff_attention_tail_fwd(
+                    *inputs[:3], cw, bw, bb, *running, training, 1e-4, w1.flatten(1), w2.flatten(1), lnw, lnb, 1e-6,
+                    backend)[0]
+                assert "DirectAttentionTail" not in type(out.grad_fn).__name__
+        results.append([out, *_grads(out, inputs, 98)] + (running if direct else []))
+    direct_running = results[0][len(results[1]):]
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if training:  # the op alone leaves the running statistics to its caller (hff_attention_tail updates them)
+        for s, s0 in zip(direct_running, stats):
+            assert not torch.equal(s.cpu(), s0)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    running = [s.to(device).clone() for s in stats]
+    with Recorder(), medkernels.use_backend(backend), torch.no_grad():
+        out = _call_attention_tail([t.to(device) for t in features], [t.to(device) for t in weights], running, training)
+    torch.testing.assert_close(out, results[0][0].detach(), rtol=0, atol=0)
+    assert any("hff_attention_tail_fwd" in f for f in Recorder.seen)
+
+
 # ---- the pooling's maxima ----------------------------------------------------------------------------------
 
 def test_max_ties_route_to_the_first_index(device_backend):
