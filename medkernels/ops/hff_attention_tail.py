@@ -161,19 +161,24 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the ten non-differentiable outputs
 
 
-def _backward(ctx, grads):
+def _backward_through(ctx, grads, run_backward):
+    """The gradients of the 16 inputs from the saved context; run_backward(dout, saved, *tensors, *args) computes
+    those of the differentiable ones (the custom backward op, or the backend's implementation directly)."""
     saved = ctx.saved_tensors
-    l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, fc1, fc2, ln_w, ln_b = saved[:12]
-    use_batch_stats, bn_eps, ln_eps, backend = ctx.args
+    l, g, x_f = saved[:3]
     dout = grads[0]
     if dout is None:
         dout = l.new_zeros(l.shape[0], l.shape[1] + g.shape[1] + x_f.shape[1], *l.shape[2:])
-    d = _bwd(dout, list(saved[12:]), l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-             use_batch_stats, bn_eps, fc1, fc2, ln_w, ln_b, ln_eps, backend)
+    use_batch_stats, bn_eps, ln_eps, backend = ctx.args
+    d = run_backward(dout, list(saved[12:]), *saved[:8], use_batch_stats, bn_eps, *saved[8:12], ln_eps, backend)
     result = [None] * 16
     for slot, gi in zip(_DIFFERENTIABLE, d):
         result[slot] = gi if saved[slot if slot < 8 else slot - 2] is not None else None
     return tuple(result)
+
+
+def _backward(ctx, grads):
+    return _backward_through(ctx, grads, _bwd)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
@@ -196,19 +201,7 @@ class _DirectAttentionTail(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, fc1, fc2, ln_w, ln_b = saved[:12]
-        use_batch_stats, bn_eps, ln_eps, backend = ctx.args
-        dout = grads[0]
-        if dout is None:
-            dout = l.new_zeros(l.shape[0], l.shape[1] + g.shape[1] + x_f.shape[1], *l.shape[2:])
-        d = HFF_ATTENTION_TAIL.impl(backend).backward(dout, list(saved[12:]), l, g, x_f, conv_weight, bn_weight,
-                                                      bn_bias, running_mean, running_var, use_batch_stats, bn_eps,
-                                                      fc1, fc2, ln_w, ln_b, ln_eps)
-        result = [None] * 16
-        for slot, gi in zip(_DIFFERENTIABLE, d):
-            result[slot] = gi if saved[slot if slot < 8 else slot - 2] is not None else None
-        return tuple(result)
+        return _backward_through(ctx, grads, lambda *args: HFF_ATTENTION_TAIL.impl(args[-1]).backward(*args[:-1]))
 
 
 def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, fc1_weight,
