@@ -20,6 +20,7 @@ from medkernels.ops.hff_attention_ref import (
     hff_spatial_attention_ref,
     hff_spatial_gate_ref,
 )
+from medkernels.ops.hff_attention import update_running_stats
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
 
@@ -254,16 +255,18 @@ def test_attention_tail_eager_fast_path_matches_custom_op(device_backend, traini
                 takes_fast_path = backend in ("cpu", "cuda")
                 assert ("DirectAttentionTail" in type(out.grad_fn).__name__) == takes_fast_path
             else:
-                out = torch.ops.medkernels.hff_attention_tail_fwd(
+                out, batch_mean, batch_var, *_ = torch.ops.medkernels.hff_attention_tail_fwd(
                     *inputs[:3], cw, bw, bb, *running, training, 1e-4, w1.flatten(1), w2.flatten(1), lnw, lnb, 1e-6,
-                    backend)[0]
+                    backend)
                 assert "DirectAttentionTail" not in type(out.grad_fn).__name__
-        results.append([out, *_grads(out, inputs, 98)] + (running if direct else []))
-    direct_running = results[0][len(results[1]):]
+                # the op leaves the running statistics to its caller, as hff_attention_tail does after it
+                update_running_stats(*running, batch_mean, batch_var, training, 0.2)
+        results.append([out, *_grads(out, inputs, 98), *running])
+    assert len(results[0]) == len(results[1])
     for a, b in zip(results[0], results[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    if training:  # the op alone leaves the running statistics to its caller (hff_attention_tail updates them)
-        for s, s0 in zip(direct_running, stats):
+    if training:
+        for s, s0 in zip(results[0][-2:], stats):
             assert not torch.equal(s.cpu(), s0)
 
     from torch.utils._python_dispatch import TorchDispatchMode
