@@ -44,10 +44,6 @@ using dwconv::kMaxKernel;
 
 // Output rows per backward task of the row walk.
 constexpr int64_t kBandRows = 16;
-// Interior outputs a forward row needs before the input is read in place rather than copied (rows_forward):
-// the in-place reads pay for the split into three kernel calls from a handful of outputs on (7 and 14 wide
-// rows: about 10% faster than copying them, float32 channels-last at HiFuse / MedMamba's shapes).
-constexpr int64_t kMinDirectOutputs = 4;
 
 // Element (b, c, h, w) of a 4-D tensor lives at b * b_ + c * c_ + h * h_ + w * w_.
 struct Strides {
@@ -59,8 +55,16 @@ struct Strides {
 // ------------------------------------------------------------------------------------------------------
 // Vector row kernels (depthwise_conv_cpu_kernels.cpp), picked once per call for the CPU's ISA.
 
+// Rows read in place (ConvRowsArgs::clip): the rows start at image column 0 and are W pixels long; output o's
+// tap j reads column o * s - p + j, and only the outputs outside [lo, hi) have taps outside [0, W).
+struct RowClip {
+  int64_t lo, hi, W, p;
+};
+
 // Channels-last rows: out[o, c] = init[c] + sum_{i, j} w[i * k + j, c] * rows[i][(o * s + j) * ps + c], o < n;
-// ps is the pixel stride of the source rows (C for the padded row buffers).
+// ps is the pixel stride of the source rows (C for the padded row buffers). With clip, the rows are unpadded
+// instead: out[o, c] = init[c] + the sum over the taps with 0 <= o * s - p + j < W of
+// w[i * k + j, c] * rows[i][(o * s - p + j) * ps + c].
 template <typename acc_t>
 struct ConvRowsArgs {
   const acc_t* const* rows;
@@ -68,6 +72,7 @@ struct ConvRowsArgs {
   const acc_t* init;  // (C,)
   acc_t* out;         // (n, C)
   int64_t n, C, s, k, ps;
+  const RowClip* clip = nullptr;
 };
 
 // One plane row: out[o] = init + sum_{i, j} w[i * k + j] * rows[i][(j % s) * phase_len + j / s + o], o < n.
@@ -81,14 +86,16 @@ struct ConvPlaneArgs {
 };
 
 // Channels-last parameter gradients of one output row:
-// gw[(i * k + j) * C + c] += sum_o gz[o * C + c] * rows[i][(o * s + j) * C + c], gb[c] += sum_o gz[o * C + c].
+// gw[(i * k + j) * C + c] += sum_o gz[o * C + c] * rows[i][(o * s + j) * ps + c], gb[c] += sum_o gz[o * C + c];
+// with clip, the rows are unpadded as in ConvRowsArgs (only the taps inside them count).
 template <typename acc_t>
 struct GradsRowsArgs {
   const acc_t* const* rows;
   const acc_t* gz;  // (n, C)
   acc_t* gw;        // (k * k, C)
   acc_t* gb;        // (C,)
-  int64_t n, C, s, k;
+  int64_t n, C, s, k, ps;
+  const RowClip* clip = nullptr;
 };
 
 // Plane parameter gradients of one output row: gw[i * k + j] += sum_o gz[o] * rows[i][tap(j) + o], gb += sum gz.
@@ -105,7 +112,8 @@ struct GradsPlaneArgs {
 // pre-activation z = conv (conv.rows, conv.w, conv.init) of conv.n outputs goes to conv.out (pixel stride C),
 // is replaced there by d loss / d z = g * act'(z), and when gw is non-null the parameter gradients of the
 // row are added as by grads_rows (gw (k * k, C), gb (C,)): the channel vector's data stays in L1 throughout.
-// g: the gradient of the activation's output, (n, C) at pixel stride C. conv.ps must be C.
+// g: the gradient of the activation's output, (n, C) at pixel stride C. The rows are read as conv states
+// (pixel stride conv.ps, padded or clipped).
 template <typename acc_t>
 struct BwdRowsArgs {
   ConvRowsArgs<acc_t> conv;
@@ -312,10 +320,10 @@ struct RowProblem {
 };
 
 // The padded input rows read by output row oh of image b (a shared zero row outside the image), loaded into
-// the ring as needed: padded columns [0, c0) and [c1, padded_cols) of each row (all of them when c0 >= c1).
+// the ring as needed.
 template <typename T, typename acc_t>
 inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, const acc_t* zero_row, int64_t b,
-                       int64_t oh, const acc_t** rows, int64_t c0 = 0, int64_t c1 = 0) {
+                       int64_t oh, const acc_t** rows) {
   const Geometry& g = P.g;
   const int64_t cols = g.padded_cols();
   for (int64_t i = 0; i < g.k; ++i) {
@@ -326,39 +334,38 @@ inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, cons
     }
     acc_t* row = ring.slot(ih);
     if (!ring.holds(ih)) {
-      if (c0 >= c1) {
-        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, cols, row);
-      } else {
-        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, c0, row);
-        load_padded_cols(P.kern, P.x, P.xs, g, b, ih, c1, cols, row);
-      }
+      load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, cols, row);
       ring.mark(ih);
     }
     rows[i] = row;
   }
 }
 
+// The clipping of the rows of x read in place: outputs [lo, hi) have all their taps inside the row
+// (0 <= ow * s - p and ow * s - p + k - 1 < W).
+inline RowClip row_clip(const Geometry& g) {
+  const int64_t lo = std::min(g.Wo, ceil_div(g.p, g.s));
+  const int64_t hi = std::max(lo, std::min(g.Wo, dwconv::floor_div(g.W - g.k + g.p, g.s) + 1));
+  return {lo, hi, g.W, g.p};
+}
+
 // Forward over flattened output rows [r0, r1) (r = b * Ho + oh): z = conv + bias (a channels-last (Wo, C) row,
 // written straight into P.out when its rows can take it), then the epilogue in place (unless the convolution
 // kernel applied it: epi.conv_fused), then the row is stored to P.out if it was not written there.
 //
-// With the input of the computing type and its channels contiguous, the outputs whose taps all fall inside the
-// image read x in place; only the few border outputs go through padded copies of the columns they read.
+// With the input of the computing type and its channels contiguous, the convolution reads x in place (RowClip:
+// the outputs at the row's ends skip the taps past it); otherwise through a ring of padded channels-last copies.
 template <typename T, typename acc_t, typename Epi>
 inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t r0, int64_t r1) {
   const Geometry& g = P.g;
   const int64_t C = g.C, k = g.k, s = g.s, cols = g.padded_cols();
-  // interior outputs [lo, hi): 0 <= ow * s - p and ow * s - p + k - 1 < W; worth reading in place when there
-  // are enough of them to amortise the split into three kernel calls
-  const int64_t lo = std::min(g.Wo, ceil_div(g.p, s));
-  int64_t hi = std::max(lo, std::min(g.Wo, dwconv::floor_div(g.W - k + g.p, s) + 1));
-  const bool direct = std::is_same_v<T, acc_t> && P.xs.c == 1 && hi - lo >= kMinDirectOutputs;
-  if (!direct) hi = lo;
-  const int64_t ps = direct ? std::max<int64_t>(P.xs.w, C) : C;
-  RowRing<acc_t> ring(k, cols * C);
+  const int64_t dps = direct_pixel_stride<T, acc_t>(P.xs, C);
+  const bool direct = dps > 0;
+  const RowClip clip = row_clip(g);
+  const int64_t ps = direct ? dps : C;
+  RowRing<acc_t> ring(direct ? 1 : k, direct ? 0 : cols * C);
   std::vector<acc_t> z(g.Wo * C), zero_row(cols * ps, acc_t(0));
   const acc_t* rows[kMaxKernel];
-  const acc_t* inner[kMaxKernel];
   const auto conv = epi.conv_fused ? P.kern.conv_rows_act : P.kern.conv_rows;
   const acc_t* wt = P.params->wt.data();
   const acc_t* bias = P.params->bias.data();
@@ -371,21 +378,13 @@ inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t 
     }
     const bool in_place = row_in_place<T, acc_t>(P.os, C);
     acc_t* dst = in_place ? reinterpret_cast<acc_t*>(P.out + b * P.os.b + oh * P.os.h) : z.data();
-    if (hi > lo) {
-      // border outputs read padded columns [0, (lo - 1) s + k) and [hi s, cols)
-      input_rows(P, ring, zero_row.data(), b, oh, rows, lo > 0 ? (lo - 1) * s + k : 0, hi * s);
-      if (lo > 0) conv({rows, wt, bias, dst, lo, C, s, k, C});
+    if (direct) {
       for (int64_t i = 0; i < k; ++i) {
         const int64_t ih = oh * s - g.p + i;
         const bool inside = ih >= 0 && ih < g.H;
-        inner[i] = inside ? reinterpret_cast<const acc_t*>(P.x + b * P.xs.b + ih * P.xs.h + (lo * s - g.p) * P.xs.w)
-                          : zero_row.data();
+        rows[i] = inside ? reinterpret_cast<const acc_t*>(P.x + b * P.xs.b + ih * P.xs.h) : zero_row.data();
       }
-      conv({inner, wt, bias, dst + lo * C, hi - lo, C, s, k, ps});
-      if (hi < g.Wo) {
-        for (int64_t i = 0; i < k; ++i) rows[i] += hi * s * C;
-        conv({rows, wt, bias, dst + hi * C, g.Wo - hi, C, s, k, C});
-      }
+      conv({rows, wt, bias, dst, g.Wo, C, s, k, ps, &clip});
     } else {
       input_rows(P, ring, zero_row.data(), b, oh, rows);
       conv({rows, wt, bias, dst, g.Wo, C, s, k, C});
@@ -400,15 +399,23 @@ template <typename acc_t>
 struct BackwardScratch {
   RowRing<acc_t> x_ring, gz_ring;  // padded input rows; dilated d loss / d z rows
   std::vector<acc_t> z, grow, gz, gx, zero_row;
-  explicit BackwardScratch(const Geometry& g)
-      : x_ring(g.k, g.padded_cols() * g.C),
+  // x_pixel_stride: the pixel stride of x's rows when they are read in place, else 0 (the ring is used)
+  BackwardScratch(const Geometry& g, int64_t x_pixel_stride)
+      : x_ring(x_pixel_stride > 0 ? 1 : g.k, x_pixel_stride > 0 ? 0 : g.padded_cols() * g.C),
         gz_ring(g.k, g.dilated_cols() * g.C),
         z(g.Wo * g.C),
         grow(g.Wo * g.C),
         gz(g.Wo * g.C),
         gx(g.W * g.C),
-        zero_row(std::max(g.padded_cols(), g.dilated_cols()) * g.C, acc_t(0)) {}
+        zero_row(std::max({g.padded_cols() * g.C, g.dilated_cols() * g.C, g.W * x_pixel_stride}), acc_t(0)) {}
 };
+
+// The pixel stride at which the row walk reads x's rows in place (RowClip), or 0 when it copies them into padded
+// rows: in place when x has the computing type and contiguous channels.
+template <typename T, typename acc_t>
+inline int64_t direct_pixel_stride(const Strides& xs, int64_t C) {
+  return std::is_same_v<T, acc_t> && xs.c == 1 ? std::max<int64_t>(xs.w, C) : 0;
+}
 
 inline int64_t band_count(const Geometry& g) {
   return (g.Ho + kBandRows - 1) / kBandRows;
@@ -461,11 +468,24 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
     }
   };
   emit_ready(lo - 1);
+  // x's rows in place (clipped at the row ends) or padded copies from the ring
+  const int64_t dps = direct_pixel_stride<T, acc_t>(P.xs, C);
+  const int64_t ps = dps > 0 ? dps : C;
+  const RowClip clip = row_clip(g);
+  const RowClip* xclip = dps > 0 ? &clip : nullptr;
   for (int64_t oh = lo; oh <= hi; ++oh) {
     const bool own = oh >= oh0 && oh < oh1;
-    input_rows(P, S.x_ring, S.zero_row.data(), b, oh, rows);
+    if (dps > 0) {
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t ih = oh * s - g.p + i;
+        rows[i] = ih >= 0 && ih < g.H ? reinterpret_cast<const acc_t*>(P.x + b * P.xs.b + ih * P.xs.h)
+                                      : S.zero_row.data();
+      }
+    } else {
+      input_rows(P, S.x_ring, S.zero_row.data(), b, oh, rows);
+    }
     if (epi.needs_z && !epi.bwd_fused) {
-      P.kern.conv_rows({rows, P.params->wt.data(), P.params->bias.data(), S.z.data(), g.Wo, C, s, k, C});
+      P.kern.conv_rows({rows, P.params->wt.data(), P.params->bias.data(), S.z.data(), g.Wo, C, s, k, ps, xclip});
     }
     const acc_t* grow = S.grow.data();
     if (row_in_place<T, acc_t>(P.gs, C)) {
@@ -478,11 +498,11 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
     acc_t* drow = S.gz_ring.slot(oh);
     acc_t* gz = s == 1 ? drow + (k - 1) * C : S.gz.data();
     if (epi.bwd_fused) {
-      const ConvRowsArgs<acc_t> conv{rows, P.params->wt.data(), P.params->bias.data(), gz, g.Wo, C, s, k, C};
+      const ConvRowsArgs<acc_t> conv{rows, P.params->wt.data(), P.params->bias.data(), gz, g.Wo, C, s, k, ps, xclip};
       P.kern.bwd_rows({conv, grow, own ? gw : nullptr, gb});
     } else {
       epi.backward(S.z.data(), grow, gz, extra, own);
-      if (own) P.kern.grads_rows({rows, gz, gw, gb, g.Wo, C, s, k});
+      if (own) P.kern.grads_rows({rows, gz, gw, gb, g.Wo, C, s, k, ps, xclip});
     }
     if (s == 1) {
       std::fill(drow, gz, acc_t(0));
@@ -504,7 +524,7 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
 template <typename T, typename acc_t, typename Epi>
 void rows_backward_tasks(const RowProblem<T, acc_t>& P, const Epi& epi, acc_t* part, int64_t stride, int64_t t0,
                          int64_t t1) {
-  BackwardScratch<acc_t> S(P.g);
+  BackwardScratch<acc_t> S(P.g, direct_pixel_stride<T, acc_t>(P.xs, P.g.C));
   const int64_t nb = band_count(P.g);
   for (int64_t t = t0; t < t1; ++t) {
     acc_t* mine = part + t * stride;

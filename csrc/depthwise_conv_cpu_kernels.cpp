@@ -285,13 +285,17 @@ MK_DW_INLINE void conv_rows_block_s1(const V (*w)[K], const acc_t* const* src, i
   }
 }
 
-// One channel vector of one row of outputs.
+// One channel vector of one row of outputs. With a.clip, the rows are read in place from image column 0 and
+// outputs [0, clip->lo) and [clip->hi, n), whose taps reach past the row's ends, add only their taps inside it.
 template <typename acc_t, typename V, int K, int R, typename Epi>
 MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
   // outputs per register block at stride 1: weights (R k) + accumulators + 1 input fit 16 or 32 registers
   constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1 : (sizeof(V) >= 64 ? 6 : (R * K + 6 <= 16 ? 4 : 2));
   const int64_t k = K > 0 ? K : a.k, C = a.C, ps = a.ps, step = a.s * ps, n = a.n;
+  const RowClip* clip = a.clip;
+  // the outputs every tap of which is inside the row: [o0, o1)
+  const int64_t o0 = clip != nullptr ? clip->lo : 0, o1 = clip != nullptr ? std::max(clip->lo, clip->hi) : n;
   V init;
   vload(init, a.init + c);
   acc_t* dst = a.out + c;
@@ -299,43 +303,71 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
     V w[R][KJ];
     const acc_t* src[R];
     for (int r = 0; r < R; ++r) {
-      src[r] = a.rows[i0 + r] + c;
       for (int64_t j = 0; j < k; ++j) vload(w[r][j], a.w + ((i0 + r) * k + j) * C + c);
     }
     const bool first = i0 == 0, last = i0 + R >= k;
-    int64_t o = 0;
-    if constexpr (U > 1) {
-      if (a.s == 1) {
-        for (; o + U <= n; o += U) {
-          V acc[U];
-          for (int u = 0; u < U; ++u) {
-            if (first) {
-              acc[u] = init;
-            } else {
-              vload(acc[u], dst + (o + u) * C);
+    if (o1 > o0) {
+      // src[r] + o * step reads output o0 + o's first tap (column (o0 + o) s - p, inside the row)
+      const int64_t shift = clip != nullptr ? (o0 * a.s - clip->p) * ps : 0;
+      for (int r = 0; r < R; ++r) src[r] = a.rows[i0 + r] + c + shift;
+      acc_t* out = dst + o0 * C;
+      const int64_t m = o1 - o0;
+      int64_t o = 0;
+      if constexpr (U > 1) {
+        if (a.s == 1) {
+          for (; o + U <= m; o += U) {
+            V acc[U];
+            for (int u = 0; u < U; ++u) {
+              if (first) {
+                acc[u] = init;
+              } else {
+                vload(acc[u], out + (o + u) * C);
+              }
             }
+            conv_rows_block_s1<acc_t, V, K, R, U>(w, src, ps, acc, o);
+            for (int u = 0; u < U; ++u) vstore(out + (o + u) * C, acc[u]);
           }
-          conv_rows_block_s1<acc_t, V, K, R, U>(w, src, ps, acc, o);
-          for (int u = 0; u < U; ++u) vstore(dst + (o + u) * C, acc[u]);
         }
+      }
+      for (; o < m; ++o) {
+        V acc;
+        if (first) {
+          acc = init;
+        } else {
+          vload(acc, out + o * C);
+        }
+        for (int r = 0; r < R; ++r) {
+          const acc_t* x = src[r] + o * step;
+          for (int64_t j = 0; j < k; ++j) {
+            V v;
+            vload(v, x + j * ps);
+            acc += w[r][j] * v;
+          }
+        }
+        vstore(out + o * C, acc);
       }
     }
-    for (; o < n; ++o) {
-      V acc;
-      if (first) {
-        acc = init;
-      } else {
-        vload(acc, dst + o * C);
-      }
-      for (int r = 0; r < R; ++r) {
-        const acc_t* x = src[r] + o * step;
-        for (int64_t j = 0; j < k; ++j) {
-          V v;
-          vload(v, x + j * ps);
-          acc += w[r][j] * v;
+    if (clip != nullptr) {
+      for (int64_t o = 0; o < n; ++o) {
+        if (o == o0) o = o1;
+        if (o >= n) break;
+        V acc;
+        if (first) {
+          acc = init;
+        } else {
+          vload(acc, dst + o * C);
         }
+        const int64_t col0 = o * a.s - clip->p;
+        for (int r = 0; r < R; ++r) {
+          const acc_t* row = a.rows[i0 + r] + c;
+          for (int64_t j = std::max<int64_t>(0, -col0); j < k && col0 + j < clip->W; ++j) {
+            V v;
+            vload(v, row + (col0 + j) * ps);
+            acc += w[r][j] * v;
+          }
+        }
+        vstore(dst + o * C, acc);
       }
-      vstore(dst + o * C, acc);
     }
     // the activation as a separate loop over the channel vector's outputs, still in L1: its long dependency
     // chains then overlap from output to output instead of queueing behind each output's FMAs
@@ -361,28 +393,86 @@ MK_DW_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
   for (; c < a.C; ++c) conv_rows_lanes<acc_t, acc_t, K, R, Epi>(a, c);
 }
 
+// The parameter gradients of one channel vector of one row (GradsRowsArgs). At stride 1, blocks of U outputs
+// keep their d loss / d z vectors in registers and load each input vector once for the k taps it meets (instead
+// of once per tap: the loads, not the FMAs, bounded the one-output loop). With a.clip, as conv_rows_lanes: the
+// rows are read in place and the outputs at the row's ends add only their taps inside it (after the others).
 template <typename acc_t, typename V, int K, int R>
 MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
-  const int64_t k = K > 0 ? K : a.k, C = a.C, step = a.s * C, n = a.n;
+  // outputs per block: R K accumulators + U gradients + 1 input within 32 (AVX-512) or 16 vector registers
+  constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1
+                    : sizeof(V) >= 64                   ? (R * K <= 9 ? 8 : (R * K <= 25 ? 4 : 1))
+                                                        : (R * K <= 9 ? 4 : 1);
+  const int64_t k = K > 0 ? K : a.k, C = a.C, ps = a.ps, step = a.s * ps, n = a.n;
+  const RowClip* clip = a.clip;
+  const int64_t o0 = clip != nullptr ? clip->lo : 0, o1 = clip != nullptr ? std::max(clip->lo, clip->hi) : n;
+  const acc_t* gz = a.gz + c;
   for (int64_t i0 = 0; i0 < k; i0 += R) {
+    const bool first = i0 == 0;
     V acc[R][KJ];
     V accb{};
-    const acc_t* src[R];
-    for (int r = 0; r < R; ++r) {
-      src[r] = a.rows[i0 + r] + c;
+    for (int r = 0; r < R; ++r)
       for (int64_t j = 0; j < k; ++j) acc[r][j] = V{};
+    if (o1 > o0) {
+      // src[r] + o * step reads output o0 + o's first tap
+      const int64_t shift = clip != nullptr ? (o0 * a.s - clip->p) * ps : 0;
+      const acc_t* src[R];
+      for (int r = 0; r < R; ++r) src[r] = a.rows[i0 + r] + c + shift;
+      const acc_t* g0 = gz + o0 * C;
+      const int64_t m = o1 - o0;
+      int64_t o = 0;
+      if constexpr (U > 1) {
+        if (a.s == 1) {
+          for (; o + U <= m; o += U) {
+            V g[U];
+            for (int u = 0; u < U; ++u) {
+              vload(g[u], g0 + (o + u) * C);
+              if (first) accb += g[u];
+            }
+            for (int r = 0; r < R; ++r) {
+              const acc_t* x = src[r] + o * ps;
+              for (int q = 0; q < U + K - 1; ++q) {
+                V v;
+                vload(v, x + q * ps);
+                for (int j = 0; j < K; ++j) {
+                  const int u = q - j;
+                  if (u >= 0 && u < U) acc[r][j] += g[u] * v;
+                }
+              }
+            }
+          }
+        }
+      }
+      for (; o < m; ++o) {
+        V g;
+        vload(g, g0 + o * C);
+        if (first) accb += g;
+        for (int r = 0; r < R; ++r) {
+          const acc_t* x = src[r] + o * step;
+          for (int64_t j = 0; j < k; ++j) {
+            V v;
+            vload(v, x + j * ps);
+            acc[r][j] += g * v;
+          }
+        }
+      }
     }
-    for (int64_t o = 0; o < n; ++o) {
-      V g;
-      vload(g, a.gz + o * C + c);
-      if (i0 == 0) accb += g;
-      for (int r = 0; r < R; ++r) {
-        const acc_t* x = src[r] + o * step;
-        for (int64_t j = 0; j < k; ++j) {
-          V v;
-          vload(v, x + j * C);
-          acc[r][j] += g * v;
+    if (clip != nullptr) {
+      for (int64_t o = 0; o < n; ++o) {
+        if (o == o0) o = o1;
+        if (o >= n) break;
+        V g;
+        vload(g, gz + o * C);
+        if (first) accb += g;
+        const int64_t col0 = o * a.s - clip->p;
+        for (int r = 0; r < R; ++r) {
+          const acc_t* row = a.rows[i0 + r] + c;
+          for (int64_t j = std::max<int64_t>(0, -col0); j < k && col0 + j < clip->W; ++j) {
+            V v;
+            vload(v, row + (col0 + j) * ps);
+            acc[r][j] += g * v;
+          }
         }
       }
     }
@@ -395,7 +485,7 @@ MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
         vstore(out, cur);
       }
     }
-    if (i0 == 0) {
+    if (first) {
       V cur;
       vload(cur, a.gb + c);
       cur += accb;
@@ -429,7 +519,9 @@ MK_DW_INLINE void bwd_rows_lanes(const BwdRowsArgs<acc_t>& a, int64_t c) {
     vstore(out + q * C, z);
   }
   if (a.gw != nullptr) {
-    grads_rows_lanes<acc_t, V, K, R>({a.conv.rows, a.conv.out, a.gw, a.gb, n, C, a.conv.s, a.conv.k}, c);
+    grads_rows_lanes<acc_t, V, K, R>({a.conv.rows, a.conv.out, a.gw, a.gb, n, C, a.conv.s, a.conv.k, a.conv.ps,
+                                      a.conv.clip},
+                                     c);
   }
 }
 

@@ -22,7 +22,8 @@ def check_tensor(t, name, ndim=None, dtypes=FLOAT_DTYPES, optional=False):
         if t.dim() not in allowed:
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
     check_size(t.numel(), name, tuple(t.shape))
-    if t.numel():
+    # a dense tensor spans exactly its elements (checked above); only other views need the span computed
+    if t.numel() and not t.is_contiguous() and not (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
         span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
         if span > MAX_ELEMENTS:
             raise ValueError(f"{name} spans {span} elements of memory (shape {tuple(t.shape)}, strides {t.stride()}): "
