@@ -224,3 +224,19 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cuda", "--no-json"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_depthwise_providers_are_timed_round_by_round():
+    from medkernels.bench_depthwise import _time_interleaved
+
+    order = []
+    fake_times = {"a": 1.0, "b": 3.0}
+
+    def time_call(fn, device, warmup, repeats):
+        assert (warmup, repeats) == (0, 1)  # one timed call per provider and round
+        return {"median_s": fake_times[fn()]}
+
+    calls = {name: (lambda name=name: order.append(name) or name) for name in ("a", "b")}
+    stats = _time_interleaved(time_call, torch.device("cpu"), calls, warmup=1, repeats=3)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-up calls, then alternating rounds
+    assert stats["a"]["repeats"] == 3 and stats["a"]["median_s"] == 1.0 and stats["b"]["median_s"] == 3.0
