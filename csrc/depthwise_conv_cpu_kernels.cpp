@@ -285,6 +285,37 @@ MK_DW_INLINE void conv_rows_block_s1(const V (*w)[K], const acc_t* const* src, i
   }
 }
 
+// ---- rows read in place (RowClip): the outputs [o0, o1) whose taps all lie inside the row go through the
+// vector loops from shifted row pointers; the others, at the row's two ends, add only the taps inside it.
+
+struct Interior {
+  int64_t o0, o1;
+};
+
+inline Interior interior(const RowClip* clip, int64_t n) {
+  return clip != nullptr ? Interior{clip->lo, std::max(clip->lo, clip->hi)} : Interior{0, n};
+}
+
+// src[r]: kernel row i0 + r at channel c, advanced to the first tap of output o0.
+template <typename acc_t, int R>
+MK_DW_INLINE void interior_rows(const acc_t* const* rows, int64_t i0, int64_t c, const RowClip* clip, int64_t o0,
+                                int64_t s, int64_t ps, const acc_t** src) {
+  const int64_t shift = clip != nullptr ? (o0 * s - clip->p) * ps : 0;
+  for (int r = 0; r < R; ++r) src[r] = rows[i0 + r] + c + shift;
+}
+
+// f(o, col0, j0, j1) for each output outside [o0, o1): its tap j reads column col0 + j, inside the row for
+// j0 <= j < j1.
+template <typename F>
+MK_DW_INLINE void for_each_clipped(const RowClip& clip, Interior in, int64_t n, int64_t s, int64_t k, F&& f) {
+  for (int64_t o = 0; o < n; ++o) {
+    if (o == in.o0) o = in.o1;
+    if (o >= n) break;
+    const int64_t col0 = o * s - clip.p;
+    f(o, col0, std::max<int64_t>(0, -col0), std::min<int64_t>(k, clip.W - col0));
+  }
+}
+
 // One channel vector of one row of outputs. With a.clip, the rows are read in place from image column 0 and
 // outputs [0, clip->lo) and [clip->hi, n), whose taps reach past the row's ends, add only their taps inside it.
 template <typename acc_t, typename V, int K, int R, typename Epi>
@@ -293,9 +324,8 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
   // outputs per register block at stride 1: weights (R k) + accumulators + 1 input fit 16 or 32 registers
   constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1 : (sizeof(V) >= 64 ? 6 : (R * K + 6 <= 16 ? 4 : 2));
   const int64_t k = K > 0 ? K : a.k, C = a.C, ps = a.ps, step = a.s * ps, n = a.n;
-  const RowClip* clip = a.clip;
-  // the outputs every tap of which is inside the row: [o0, o1)
-  const int64_t o0 = clip != nullptr ? clip->lo : 0, o1 = clip != nullptr ? std::max(clip->lo, clip->hi) : n;
+  const Interior in = interior(a.clip, n);
+  const int64_t o0 = in.o0, o1 = in.o1;
   V init;
   vload(init, a.init + c);
   acc_t* dst = a.out + c;
@@ -307,9 +337,7 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
     }
     const bool first = i0 == 0, last = i0 + R >= k;
     if (o1 > o0) {
-      // src[r] + o * step reads output o0 + o's first tap (column (o0 + o) s - p, inside the row)
-      const int64_t shift = clip != nullptr ? (o0 * a.s - clip->p) * ps : 0;
-      for (int r = 0; r < R; ++r) src[r] = a.rows[i0 + r] + c + shift;
+      interior_rows<acc_t, R>(a.rows, i0, c, a.clip, o0, a.s, ps, src);  // src[r] + o * step: output o0 + o
       acc_t* out = dst + o0 * C;
       const int64_t m = o1 - o0;
       int64_t o = 0;
@@ -347,27 +375,24 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
         vstore(out + o * C, acc);
       }
     }
-    if (clip != nullptr) {
-      for (int64_t o = 0; o < n; ++o) {
-        if (o == o0) o = o1;
-        if (o >= n) break;
+    if (a.clip != nullptr) {
+      for_each_clipped(*a.clip, in, n, a.s, k, [&](int64_t o, int64_t col0, int64_t j0, int64_t j1) {
         V acc;
         if (first) {
           acc = init;
         } else {
           vload(acc, dst + o * C);
         }
-        const int64_t col0 = o * a.s - clip->p;
         for (int r = 0; r < R; ++r) {
           const acc_t* row = a.rows[i0 + r] + c;
-          for (int64_t j = std::max<int64_t>(0, -col0); j < k && col0 + j < clip->W; ++j) {
+          for (int64_t j = j0; j < j1; ++j) {
             V v;
             vload(v, row + (col0 + j) * ps);
             acc += w[r][j] * v;
           }
         }
         vstore(dst + o * C, acc);
-      }
+      });
     }
     // the activation as a separate loop over the channel vector's outputs, still in L1: its long dependency
     // chains then overlap from output to output instead of queueing behind each output's FMAs
@@ -405,8 +430,8 @@ MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
                     : sizeof(V) >= 64                   ? (R * K <= 9 ? 8 : (R * K <= 25 ? 4 : 1))
                                                         : (R * K <= 9 ? 4 : 1);
   const int64_t k = K > 0 ? K : a.k, C = a.C, ps = a.ps, step = a.s * ps, n = a.n;
-  const RowClip* clip = a.clip;
-  const int64_t o0 = clip != nullptr ? clip->lo : 0, o1 = clip != nullptr ? std::max(clip->lo, clip->hi) : n;
+  const Interior in = interior(a.clip, n);
+  const int64_t o0 = in.o0, o1 = in.o1;
   const acc_t* gz = a.gz + c;
   for (int64_t i0 = 0; i0 < k; i0 += R) {
     const bool first = i0 == 0;
@@ -415,10 +440,8 @@ MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
     for (int r = 0; r < R; ++r)
       for (int64_t j = 0; j < k; ++j) acc[r][j] = V{};
     if (o1 > o0) {
-      // src[r] + o * step reads output o0 + o's first tap
-      const int64_t shift = clip != nullptr ? (o0 * a.s - clip->p) * ps : 0;
       const acc_t* src[R];
-      for (int r = 0; r < R; ++r) src[r] = a.rows[i0 + r] + c + shift;
+      interior_rows<acc_t, R>(a.rows, i0, c, a.clip, o0, a.s, ps, src);  // src[r] + o * step: output o0 + o
       const acc_t* g0 = gz + o0 * C;
       const int64_t m = o1 - o0;
       int64_t o = 0;
@@ -458,23 +481,20 @@ MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
         }
       }
     }
-    if (clip != nullptr) {
-      for (int64_t o = 0; o < n; ++o) {
-        if (o == o0) o = o1;
-        if (o >= n) break;
+    if (a.clip != nullptr) {
+      for_each_clipped(*a.clip, in, n, a.s, k, [&](int64_t o, int64_t col0, int64_t j0, int64_t j1) {
         V g;
         vload(g, gz + o * C);
         if (first) accb += g;
-        const int64_t col0 = o * a.s - clip->p;
         for (int r = 0; r < R; ++r) {
           const acc_t* row = a.rows[i0 + r] + c;
-          for (int64_t j = std::max<int64_t>(0, -col0); j < k && col0 + j < clip->W; ++j) {
+          for (int64_t j = j0; j < j1; ++j) {
             V v;
             vload(v, row + (col0 + j) * ps);
             acc[r][j] += g * v;
           }
         }
-      }
+      });
     }
     for (int r = 0; r < R; ++r) {
       for (int64_t j = 0; j < k; ++j) {
