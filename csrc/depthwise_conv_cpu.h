@@ -10,8 +10,10 @@
 //   q / s), so every tap reads a contiguous run whatever the stride: output column ow of tap j reads phase
 //   j % s at ow + j / s. The vector loops run over output columns.
 // * Rows (any other layout pair, and LayerNorm): rows are held channels-last, (columns, C), whatever the
-//   tensors' layouts (the loaders and storers transpose NCHW rows). A ring keeps the k input rows an output
-//   row reads, each loaded once. The vector loops run over channels.
+//   tensors' layouts (the loaders and storers transpose NCHW rows). When x has the computing type and
+//   contiguous channels, its rows are read in place (RowClip: the outputs at a row's ends skip the taps past
+//   it); otherwise a ring keeps padded copies of the k input rows an output row reads, each loaded once. The
+//   vector loops run over channels.
 //
 // Backward. d loss / d z (z: the pre-activation) is formed row by row and scattered into a zero-padded,
 // stride-dilated copy (value of output (oh, ow) at (k - 1 + oh * s, k - 1 + ow * s), zeros between), so
@@ -341,6 +343,13 @@ inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, cons
   }
 }
 
+// The pixel stride at which the row walk reads x's rows in place (RowClip), or 0 when it copies them into padded
+// rows: in place when x has the computing type and contiguous channels.
+template <typename T, typename acc_t>
+inline int64_t direct_pixel_stride(const Strides& xs, int64_t C) {
+  return std::is_same_v<T, acc_t> && xs.c == 1 ? std::max<int64_t>(xs.w, C) : 0;
+}
+
 // The clipping of the rows of x read in place: outputs [lo, hi) have all their taps inside the row
 // (0 <= ow * s - p and ow * s - p + k - 1 < W).
 inline RowClip row_clip(const Geometry& g) {
@@ -409,13 +418,6 @@ struct BackwardScratch {
         gx(g.W * g.C),
         zero_row(std::max({g.padded_cols() * g.C, g.dilated_cols() * g.C, g.W * x_pixel_stride}), acc_t(0)) {}
 };
-
-// The pixel stride at which the row walk reads x's rows in place (RowClip), or 0 when it copies them into padded
-// rows: in place when x has the computing type and contiguous channels.
-template <typename T, typename acc_t>
-inline int64_t direct_pixel_stride(const Strides& xs, int64_t C) {
-  return std::is_same_v<T, acc_t> && xs.c == 1 ? std::max<int64_t>(xs.w, C) : 0;
-}
 
 inline int64_t band_count(const Geometry& g) {
   return (g.Ho + kBandRows - 1) / kBandRows;
