@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 // Compile-time facts passed by setup.py; defaults keep a hand-made build working.
@@ -81,6 +82,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused four-direction SS2D scan forward on CPU: -> [out].");
   m.def("ss2d_scan_bwd_cpu", &medkernels::ss2d_scan_bwd_cpu, ReleaseGil(),
         "Fused SS2D scan backward on CPU: -> [du, ddelta, dA, dB, dC, dD, ddelta_bias].");
+  m.def("set_cpu_isa_cap", &medkernels::set_cpu_isa_cap,
+        "Cap the SIMD level of the CPU kernels for the calls that follow: 'avx512', 'avx2' or 'baseline' "
+        "(initially $MEDKERNELS_CPU_ISA, else no cap); each kernel uses the best level the CPU has within it.");
+  m.def("cpu_isa_cap", &medkernels::cpu_isa_cap_name, "The SIMD cap of the CPU kernels (see set_cpu_isa_cap).");
   // ---- depthwise convolution (issue 4) ----
   m.def("depthwise_conv2d_fwd_cpu", &medkernels::depthwise_conv2d_fwd_cpu, ReleaseGil(),
         "Depthwise conv2d + bias + activation on CPU (see csrc/ops.h): "

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu_isa.h"
 #include "depthwise_conv_cpu.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
@@ -1003,8 +1004,9 @@ RowKernels<acc_t> row_kernels(int64_t k, DwAct act) {
 #ifdef MK_DW_X86_DISPATCH
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512) return kernels_for<IsaAvx512, acc_t>(k, act);
-  if (avx2) return kernels_for<IsaAvx2, acc_t>(k, act);
+  const CpuIsa cap = cpu_isa_cap();
+  if (avx512 && cap >= CpuIsa::kAvx512) return kernels_for<IsaAvx512, acc_t>(k, act);
+  if (avx2 && cap >= CpuIsa::kAvx2) return kernels_for<IsaAvx2, acc_t>(k, act);
 #endif
   return kernels_for<IsaBaseline, acc_t>(k, act);
 }

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 #if defined(__GNUC__)
 #define MK_HFF_INLINE inline __attribute__((always_inline))
 #else
@@ -22,11 +24,11 @@
 namespace medkernels {
 namespace hff_cpu {
 
-// AVX-512F (used by the channel MLP's double loops only).
+// AVX-512F (used by the channel MLP's double loops only), when the CPU has it and cpu_isa.h's cap allows it.
 inline bool use_avx512() {
 #ifdef MK_HFF_X86_DISPATCH
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return has;
+  return has && cpu_isa_cap() >= CpuIsa::kAvx512;
 #else
   return false;
 #endif
@@ -35,7 +37,7 @@ inline bool use_avx512() {
 inline bool use_avx2() {
 #ifdef MK_HFF_X86_DISPATCH
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return has && cpu_isa_cap() >= CpuIsa::kAvx2;
 #else
   return false;
 #endif

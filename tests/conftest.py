@@ -55,3 +55,19 @@ def device_backend(request):
     device_type, backend = request.param
     _require(backend, device_type)
     return torch.device(device_type), backend
+
+
+@pytest.fixture(params=["avx2", "baseline"])
+def capped_cpu_isa(request):
+    """Runs the test with the C++ kernels held to a lower SIMD level than this CPU's best (set_cpu_isa_cap), so
+    that every compiled variant is checked on one machine; restores the cap afterwards."""
+    _require("cpu")
+    from medkernels import _ext
+
+    ext = _ext.module()
+    before = ext.cpu_isa_cap()
+    ext.set_cpu_isa_cap(request.param)
+    try:
+        yield request.param
+    finally:
+        ext.set_cpu_isa_cap(before)

@@ -124,6 +124,16 @@ def test_kernels_match_float64_reference(kernel_backend, case, act, layout):
     check_against_float64(device, backend, case, act, layout)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "cl_slice->nchw"])
+@pytest.mark.parametrize("act", list(ACTS), ids=lambda a: a or "none")
+def test_cpu_isa_variants_match_float64_reference(capped_cpu_isa, act, layout):
+    # the AVX2 and baseline builds of the row and plane kernels (this CPU may run AVX-512 by default)
+    for case in CASES:
+        check_against_float64(torch.device("cpu"), "cpu", case.values[0], act, layout)
+    for case in ((2, 35, 6, 41, 3, 1), (1, 16, 5, 7, 5, 1), (1, 33, 7, 45, 3, 2)):
+        check_against_float64(torch.device("cpu"), "cpu", case, act, layout, torch.float32, (1e-5, 1e-5))
+
+
 @pytest.mark.parametrize("case, act, layout", INTERPRETER_CASES)
 def test_triton_interpreter_matches_float64_reference(case, act, layout):
     require_interpreter()

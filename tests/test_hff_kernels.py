@@ -188,7 +188,17 @@ def _call_attention_tail(features, weights, stats, training, fn=hff_attention_ta
 @pytest.mark.parametrize("dtype_case", DTYPE_CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_attention_tail_matches_reference(device_backend, dtype_case, training):
-    device, backend = device_backend
+    _check_attention_tail(*device_backend, dtype_case, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_attention_tail_isa_variants_match_reference(capped_cpu_isa, training):
+    # the AVX2 and baseline builds of the tiles and the channel MLP (this CPU may run AVX-512 by default)
+    for dtype_case in DTYPE_CASES:
+        _check_attention_tail(torch.device("cpu"), "cpu", dtype_case.values[0], training)
+
+
+def _check_attention_tail(device, backend, dtype_case, training):
     dtype = dtype_case[0]
     features, weights, stats = _attention_tail_case(backend, dtype)
     features = _leaves(features, None, device)
