@@ -35,8 +35,20 @@ def info():
         "backends": backends,
         "reference_fallbacks": _backend.gaps(),
         "build": _ext.build_info(),
+        "cpu_isa_cap": _cpu_isa_cap(),
         "devices": devices,
     }
+
+
+def _cpu_isa_cap():
+    """The SIMD level the C++ CPU kernels are held to (MEDKERNELS_CPU_ISA / _C.set_cpu_isa_cap), None without
+    the extension; a bad MEDKERNELS_CPU_ISA is reported rather than raised."""
+    if not _ext.build_info():
+        return None
+    try:
+        return _ext.module().cpu_isa_cap()
+    except ValueError as exc:
+        return f"invalid: {exc}"
 
 
 def format_info(d):
@@ -57,5 +69,7 @@ def format_info(d):
             lines.append(f"  {key}: {value}")
     else:
         lines.append("  not loaded")
+    if d["cpu_isa_cap"] is not None:
+        lines.append(f"CPU kernels' SIMD cap: {d['cpu_isa_cap']} (each kernel uses the best level the CPU has within it)")
     lines.append("devices: " + ", ".join(d["devices"]))
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """Backend selection: use_backend / set_backend / MEDKERNELS_BACKEND, errors for unavailable backends,
 auto's choice and fallback, and `python -m medkernels info`."""
+import os
 import subprocess
 import sys
 
@@ -94,6 +95,26 @@ def test_info_reports_backends_and_gaps():
         assert missing == sorted(n for n, t in _backend.OPS.items() if not t.implemented_in(backend))
     assert "depthwise_conv2d" not in d["reference_fallbacks"]["cpu"]
     assert "cross_scan" not in d["reference_fallbacks"]["cpu"]
+    assert d["cpu_isa_cap"] in (None, "avx512", "avx2", "baseline")
+
+
+def test_bad_cpu_isa_cap_is_a_clear_error():
+    # a typo in MEDKERNELS_CPU_ISA makes the CPU kernels raise (never silently run another level); info reports it
+    if medkernels.unavailable_reason("cpu") is not None:
+        pytest.skip("no C++ extension")
+    code = ("import torch, medkernels\n"
+            "from medkernels import _ext\n"
+            "assert medkernels.info()['cpu_isa_cap'].startswith('invalid: MEDKERNELS_CPU_ISA')\n"
+            "try:\n"
+            "    _ext.module().depthwise_conv2d_fwd_cpu(torch.zeros(1, 2, 4, 4), torch.zeros(2, 1, 3, 3), None, 1, 1,"
+            " 'silu', False)\n"
+            "except ValueError as e:\n"
+            "    assert 'avx512' in str(e) and 'sse9' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    env = dict(os.environ, MEDKERNELS_CPU_ISA="sse9")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
 
 
 def test_info_command_runs():
