@@ -234,18 +234,18 @@ inline void store_row(const RowKernels<acc_t>& kern, const acc_t* src, T* t, con
   }
 }
 
-// Padded columns [c0, c1) of input row ih of image b, into the channels-last row dst (padded_cols, C): input
-// column q - p at padded column q, zeros outside the image.
+// Input row ih of image b as the channels-last padded row dst (padded_cols, C): input column q - p at padded
+// column q, zeros outside the image.
 template <typename T, typename acc_t>
-inline void load_padded_cols(const RowKernels<acc_t>& kern, const T* x, const Strides& st, const Geometry& g,
-                             int64_t b, int64_t ih, int64_t c0, int64_t c1, acc_t* dst) {
-  const int64_t C = g.C;
-  // the columns inside the image: [a0, a1) within [c0, c1)
-  const int64_t a0 = std::clamp<int64_t>(g.p, c0, c1);
-  const int64_t a1 = std::clamp<int64_t>(g.p + g.W, a0, c1);
-  std::fill(dst + c0 * C, dst + a0 * C, acc_t(0));
+inline void load_padded_row(const RowKernels<acc_t>& kern, const T* x, const Strides& st, const Geometry& g,
+                            int64_t b, int64_t ih, acc_t* dst) {
+  const int64_t C = g.C, cols = g.padded_cols();
+  // the padded columns inside the image: [a0, a1)
+  const int64_t a0 = std::min(g.p, cols);
+  const int64_t a1 = std::clamp<int64_t>(g.p + g.W, a0, cols);
+  std::fill(dst, dst + a0 * C, acc_t(0));
   if (a1 > a0) load_row(kern, x + (a0 - g.p) * st.w, st, C, a1 - a0, b, ih, dst + a0 * C);
-  std::fill(dst + a1 * C, dst + c1 * C, acc_t(0));
+  std::fill(dst + a1 * C, dst + cols * C, acc_t(0));
 }
 
 // A ring of `slots` rows of `row_elems` values, each tagged with the row it holds.
@@ -327,7 +327,6 @@ template <typename T, typename acc_t>
 inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, const acc_t* zero_row, int64_t b,
                        int64_t oh, const acc_t** rows) {
   const Geometry& g = P.g;
-  const int64_t cols = g.padded_cols();
   for (int64_t i = 0; i < g.k; ++i) {
     const int64_t ih = oh * g.s - g.p + i;
     if (ih < 0 || ih >= g.H) {
@@ -336,7 +335,7 @@ inline void input_rows(const RowProblem<T, acc_t>& P, RowRing<acc_t>& ring, cons
     }
     acc_t* row = ring.slot(ih);
     if (!ring.holds(ih)) {
-      load_padded_cols(P.kern, P.x, P.xs, g, b, ih, 0, cols, row);
+      load_padded_row(P.kern, P.x, P.xs, g, b, ih, row);
       ring.mark(ih);
     }
     rows[i] = row;

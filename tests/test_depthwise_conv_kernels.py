@@ -27,6 +27,8 @@ CASES = [
     pytest.param((2, 37, 5, 7, 7, 1), id="5x7-k7-s1-c37"),
     pytest.param((1, 40, 11, 9, 3, 2), id="11x9-k3-s2-c40"),
 ]
+# float32 cases for the fused activations (test_kernel_float32_activations says what they cover)
+FLOAT32_ACTIVATION_CASES = ((2, 35, 6, 41, 3, 1), (1, 16, 5, 7, 5, 1), (1, 33, 7, 45, 3, 2))
 # how x is laid out in memory -> the output format asked for (None: x's own)
 LAYOUTS = {
     "nchw": None,
@@ -130,7 +132,7 @@ def test_cpu_isa_variants_match_float64_reference(capped_cpu_isa, act, layout):
     # the AVX2 and baseline builds of the row and plane kernels (this CPU may run AVX-512 by default)
     for case in CASES:
         check_against_float64(torch.device("cpu"), "cpu", case.values[0], act, layout)
-    for case in ((2, 35, 6, 41, 3, 1), (1, 16, 5, 7, 5, 1), (1, 33, 7, 45, 3, 2)):
+    for case in FLOAT32_ACTIVATION_CASES:
         check_against_float64(torch.device("cpu"), "cpu", case, act, layout, torch.float32, (1e-5, 1e-5))
 
 
@@ -161,7 +163,7 @@ def test_kernel_float32_activations(kernel_backend, act, layout):
     # float32 applies SiLU and ReLU inside the convolution kernels (C++), GELU and float64 afterwards: check each
     # path on the plane walk (rows of >= 20 outputs, with in-place interior reads) and on short rows
     device, backend = kernel_backend
-    for case in ((2, 35, 6, 41, 3, 1), (1, 16, 5, 7, 5, 1), (1, 33, 7, 45, 3, 2)):
+    for case in FLOAT32_ACTIVATION_CASES:
         check_against_float64(device, backend, case, act, layout, torch.float32, (1e-5, 1e-5))
 
 
