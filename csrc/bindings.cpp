@@ -93,6 +93,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_conv2d_bwd_cpu", &medkernels::depthwise_conv2d_bwd_cpu, ReleaseGil(),
         "Backward of depthwise_conv2d_fwd_cpu: (grad, x, weight, bias, stride, padding, activation) "
         "-> [dx, dweight, dbias].");
+  m.def("depthwise_conv2d_fwd_save_cpu", &medkernels::depthwise_conv2d_fwd_save_cpu, ReleaseGil(),
+        "depthwise_conv2d_fwd_cpu that also returns act'(z) for depthwise_conv2d_bwd_saved_cpu (see csrc/ops.h): "
+        "(x, weight, bias, stride, padding, activation, channels_last) -> [out, dact] (dact empty when the case "
+        "does not allow saving).");
+  m.def("depthwise_conv2d_bwd_saved_cpu", &medkernels::depthwise_conv2d_bwd_saved_cpu, ReleaseGil(),
+        "Backward from a saved act'(z): (grad, x, weight, bias, dact, stride, padding) -> [dx, dweight, dbias]; "
+        "dx is written over dact.");
   m.def("depthwise_conv2d_layernorm_fwd_cpu", &medkernels::depthwise_conv2d_layernorm_fwd_cpu, ReleaseGil(),
         "Depthwise conv2d + bias, then LayerNorm over channels, channels-last out (B, Ho, Wo, C), on CPU: "
         "(x, weight, bias, ln_weight, ln_bias, stride, padding, eps) -> out.");

@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include "check_message.h"
 #include "depthwise_conv_cpu.h"
 #include "ops.h"
 
@@ -216,17 +217,33 @@ constexpr int64_t kMinPlaneWidth = 20;
 using dwcpu::Geometry;
 using dwcpu::Strides;
 
-at::Tensor depthwise_conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                    const c10::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
-                                    const std::string& activation, bool channels_last) {
-  const char* op = "depthwise_conv2d_fwd_cpu";
-  const dwcpu::ConvArgs a = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CPU);
-  const DwAct act = dwconv::parse_activation(op, activation);
+namespace {
+
+// Whether the forward can save act'(z) for the backward (depthwise_conv2d_fwd_save_cpu): SiLU or GELU (ReLU's
+// backward, g where z > 0, would not keep PyTorch's zero for a non-finite g as a product g * act'(z) does; it
+// is cheap to recompute anyway), the computing type, stride 1 and outputs the size of the input (the input
+// gradient then takes dact's place), and the row walk.
+bool can_save_derivative(const at::Tensor& x, const Geometry& g, DwAct act, bool planes) {
+  const auto t = x.scalar_type();
+  return (act == DwAct::kSilu || act == DwAct::kGelu) && (t == at::kFloat || t == at::kDouble) && g.s == 1 &&
+         g.Ho == g.H && g.Wo == g.W && !planes;
+}
+
+bool uses_planes(const at::Tensor& x, const Geometry& g, bool channels_last) {
+  return !channels_last && dwcpu::w_contiguous(x) && g.Wo >= dwcpu::kMinPlaneWidth;
+}
+
+// The forward; with dact non-null, also allocates it (x's shape and layout: only called so when the output
+// has x's size) and writes act'(z) to it.
+at::Tensor conv_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const dwcpu::ConvArgs& a, DwAct act,
+                        bool channels_last, at::Tensor* dact) {
   const Geometry& g = a.g;
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options().memory_format(format));
+  if (dact != nullptr) *dact = at::empty_like(x);  // x's layout, as the input gradient that it becomes
   if (out.numel() == 0) return out;
-  const bool planes = !channels_last && dwcpu::w_contiguous(x) && g.Wo >= dwcpu::kMinPlaneWidth;
+  const bool planes = uses_planes(x, g, channels_last);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d_fwd_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
@@ -252,12 +269,100 @@ at::Tensor depthwise_conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
       P.xs = Strides(x);
       P.out = out.mutable_data_ptr<T>();
       P.os = Strides(out);
+      if (dact != nullptr) {
+        P.dact = dact->mutable_data_ptr<T>();
+        P.ds = Strides(*dact);
+      }
       const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * g.C, act != DwAct::kNone, P.kern.act_fused, false};
       at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t r0, int64_t r1) { dwcpu::rows_forward(P, epi, r0, r1); });
     }
   });
   return out;
 }
+
+}  // namespace
+
+at::Tensor depthwise_conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                                    const std::string& activation, bool channels_last) {
+  const char* op = "depthwise_conv2d_fwd_cpu";
+  const dwcpu::ConvArgs a = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CPU);
+  const DwAct act = dwconv::parse_activation(op, activation);
+  return conv_forward(op, x, weight, bias, a, act, channels_last, nullptr);
+}
+
+std::vector<at::Tensor> depthwise_conv2d_fwd_save_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& bias, int64_t stride,
+                                                      int64_t padding, const std::string& activation,
+                                                      bool channels_last) {
+  const char* op = "depthwise_conv2d_fwd_save_cpu";
+  const dwcpu::ConvArgs a = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CPU);
+  const DwAct act = dwconv::parse_activation(op, activation);
+  if (!can_save_derivative(x, a.g, act, uses_planes(x, a.g, channels_last))) {
+    return {conv_forward(op, x, weight, bias, a, act, channels_last, nullptr), at::empty({0}, x.options())};
+  }
+  at::Tensor dact;
+  at::Tensor out = conv_forward(op, x, weight, bias, a, act, channels_last, &dact);
+  return {out, dact};
+}
+
+namespace {
+
+// The row walk's backward: gx and the parameter gradients' sums dw (C, k * k), db (C,). With dact (the saved
+// derivative, which must be gx; act is then ignored), d loss / d z = grad * dact and gx is written over it.
+template <typename T, typename acc_t>
+void rows_backward(const Geometry& g, const dwcpu::RowKernels<acc_t>& kern, const at::Tensor& x,
+                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& grad,
+                   DwAct act, at::Tensor& gx, const at::Tensor* dact, acc_t* dw, acc_t* db) {
+  const int64_t kk = g.k * g.k, C = g.C;
+  const bool has_bias = dwconv::present(bias);
+  const auto params = dwcpu::row_params<T, acc_t>(weight, has_bias ? &*bias : nullptr, C, g.k);
+  dwcpu::RowProblem<T, acc_t> P;
+  P.g = g;
+  P.kern = kern;
+  P.params = &params;
+  P.x = x.const_data_ptr<T>();
+  P.xs = Strides(x);
+  P.grad = grad.const_data_ptr<T>();
+  P.gs = Strides(grad);
+  P.gx = gx.mutable_data_ptr<T>();
+  P.gxs = Strides(gx);
+  std::vector<acc_t> halo;
+  if (dact != nullptr) {
+    P.dact = P.gx;
+    P.ds = P.gxs;
+    halo.resize(g.B * (dwcpu::band_count(g) - 1) * dwcpu::halo_rows(g) * g.Wo * C);
+    dwcpu::copy_halo(P, halo.data());
+    P.halo = halo.data();
+  }
+  // with dact, nothing is recomputed (needs_z false) and rows_backward_band forms grad * dact
+  const bool with_act = act != DwAct::kNone && dact == nullptr;
+  const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * C, with_act, false, with_act && P.kern.bwd_fused};
+  const int64_t ntasks = g.B * dwcpu::band_count(g), stride_t = (kk + 1) * C;
+  std::vector<acc_t> part(ntasks * stride_t);
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    dwcpu::rows_backward_tasks(P, epi, part.data(), stride_t, t0, t1);
+  });
+  std::vector<acc_t> sums(stride_t);  // (k * k + 1, C)
+  dwcpu::reduce_partials(part.data(), ntasks, stride_t, stride_t, sums.data());
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t e = 0; e < kk; ++e) dw[c * kk + e] = sums[e * C + c];
+    db[c] = sums[kk * C + c];
+  }
+}
+
+// The parameter gradients' sums in acc_t into gw (C, 1, k, k) and gb (C,) (when given).
+template <typename T, typename acc_t>
+void store_param_grads(const std::vector<acc_t>& dw, const std::vector<acc_t>& db, at::Tensor& gw, at::Tensor* gb) {
+  T* gwp = gw.mutable_data_ptr<T>();
+  for (size_t e = 0; e < dw.size(); ++e) gwp[e] = static_cast<T>(dw[e]);
+  if (gb != nullptr) {
+    T* gbp = gb->mutable_data_ptr<T>();
+    for (size_t c = 0; c < db.size(); ++c) gbp[c] = static_cast<T>(db[c]);
+  }
+}
+
+}  // namespace
 
 std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -284,7 +389,7 @@ std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, const a
         P.g = g;
         P.kern = kern;
         P.needs_z = act != DwAct::kNone;
-          P.x = x.const_data_ptr<T>();
+        P.x = x.const_data_ptr<T>();
         P.xs = Strides(x);
         P.w = weight.const_data_ptr<T>();
         P.bias = a.has_bias ? bias->const_data_ptr<T>() : nullptr;
@@ -302,39 +407,50 @@ std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, const a
           db[c] = sums[c * (kk + 1) + kk];
         }
       } else {
-        const auto params = dwcpu::row_params<T, acc_t>(weight, a.has_bias ? &*bias : nullptr, C, g.k);
-        dwcpu::RowProblem<T, acc_t> P;
-        P.g = g;
-        P.kern = kern;
-        P.params = &params;
-        P.x = x.const_data_ptr<T>();
-        P.xs = Strides(x);
-        P.grad = grad.const_data_ptr<T>();
-        P.gs = Strides(grad);
-        P.gx = gx.mutable_data_ptr<T>();
-        P.gxs = Strides(gx);
-        const dwcpu::ActEpilogue<acc_t> epi{&P.kern, g.Wo * C, act != DwAct::kNone, false, P.kern.bwd_fused};
-        const int64_t ntasks = g.B * dwcpu::band_count(g), stride_t = (kk + 1) * C;
-        std::vector<acc_t> part(ntasks * stride_t);
-        at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-          dwcpu::rows_backward_tasks(P, epi, part.data(), stride_t, t0, t1);
-        });
-        std::vector<acc_t> sums(stride_t);  // (k * k + 1, C)
-        dwcpu::reduce_partials(part.data(), ntasks, stride_t, stride_t, sums.data());
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t e = 0; e < kk; ++e) dw[c * kk + e] = sums[e * C + c];
-          db[c] = sums[kk * C + c];
-        }
+        rows_backward<T, acc_t>(g, kern, x, weight, bias, grad, act, gx, nullptr, dw.data(), db.data());
       }
     }
-    T* gwp = gw.mutable_data_ptr<T>();
-    for (int64_t e = 0; e < C * kk; ++e) gwp[e] = static_cast<T>(dw[e]);
-    if (a.has_bias) {
-      T* gbp = gb.mutable_data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) gbp[c] = static_cast<T>(db[c]);
-    }
+    store_param_grads<T, acc_t>(dw, db, gw, a.has_bias ? &gb : nullptr);
   });
   return {gx, gw, gb};
+}
+
+std::vector<at::Tensor> depthwise_conv2d_bwd_saved_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& weight,
+                                                       const c10::optional<at::Tensor>& bias, const at::Tensor& dact,
+                                                       int64_t stride, int64_t padding) {
+  const char* op = "depthwise_conv2d_bwd_saved_cpu";
+  const dwcpu::ConvArgs a = dwconv::check_conv_args(op, x, weight, bias, stride, padding, c10::DeviceType::CPU);
+  const Geometry& g = a.g;
+  dwconv::check_grad(op, grad, x, {g.B, g.C, g.Ho, g.Wo}, "(B, C, Ho, Wo)");
+  MK_CHECK_VALUE(stride == 1 && g.Ho == g.H && g.Wo == g.W, op,
+                 ": a saved derivative needs stride 1 and outputs the size of the input, got stride ", stride,
+                 " and padding ", padding, " for kernel size ", g.k);
+  MK_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": a saved derivative needs float32 or float64, got ", x.scalar_type());
+  MK_CHECK_VALUE(dact.defined() && dact.sizes() == grad.sizes(), op, ": expected dact to have shape (B, C, Ho, Wo) = ",
+                 grad.sizes(), ", but got ", dact.defined() ? dact.sizes() : at::IntArrayRef{});
+  MK_CHECK_TYPE(dact.scalar_type() == x.scalar_type(), op, ": expected dact to have x's dtype ", x.scalar_type(),
+                ", but got ", dact.scalar_type());
+  MK_CHECK_VALUE(dact.device() == x.device(), op, ": expected dact on x's device ", x.device(), ", but it is on ",
+                 dact.device());
+  // the input gradient is written over dact, row by row
+  MK_CHECK_VALUE(dact.is_non_overlapping_and_dense(), op, ": expected dact to be dense (its storage becomes the ",
+                 "input gradient)");
+  const int64_t kk = g.k * g.k, C = g.C;
+  at::Tensor gw = at::empty_like(weight);
+  at::Tensor gb = a.has_bias ? at::empty_like(*bias) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_bwd_saved_cpu", [&] {
+    using T = scalar_t;
+    std::vector<T> dw(C * kk, T(0)), db(C, T(0));
+    if (g.B > 0 && C > 0 && g.H > 0 && g.W > 0) {
+      const auto kern = dwcpu::row_kernels<T>(g.k, DwAct::kNone);
+      at::Tensor gx = dact;
+      rows_backward<T, T>(g, kern, x, weight, bias, grad, DwAct::kNone, gx, &dact, dw.data(), db.data());
+    }
+    store_param_grads<T, T>(dw, db, gw, a.has_bias ? &gb : nullptr);
+  });
+  return {dact, gw, gb};
 }
 
 }  // namespace medkernels

@@ -151,6 +151,11 @@ struct RowKernels {
   void (*act_forward)(const acc_t* z, acc_t* out, int64_t n);
   // gz[e] = g[e] * act'(z[e]) (z unused for no activation).
   void (*act_backward)(const acc_t* z, const acc_t* g, acc_t* gz, int64_t n);
+  // Rows (npix, C): out = act(z), dact = act'(z); in place when out == z. out has the values of conv_rows_act
+  // (or act_forward), and grad * dact those of bwd_rows (or act_backward).
+  void (*act_forward_save)(const acc_t* z, acc_t* out, acc_t* dact, int64_t npix, int64_t C);
+  // out[e] = a[e] * b[e].
+  void (*mul)(const acc_t* a, const acc_t* b, acc_t* out, int64_t n);
   // out (n, C) = LayerNorm(z); in place when out == z.
   void (*ln_forward)(const LayerNormArgs<acc_t>&, const acc_t* z, acc_t* out);
   // From z and gy (n, C): gz = d loss / d z; dgamma, dbeta (C,) += this row's sums when non-null.
@@ -319,6 +324,13 @@ struct RowProblem {
   Strides gs;
   T* gx = nullptr;  // input gradient, through gxs
   Strides gxs;
+  // The saved activation derivative (stride 1, Ho = H, Wo = W, T = acc_t; see rows_forward and
+  // rows_backward_band): act'(z) of every output, (B, C, Ho, Wo) through ds; null when not used.
+  T* dact = nullptr;
+  Strides ds;
+  // Backward with dact: the rows of dact that a band reads but another band owns, copied before the walk
+  // (halo_rows); nb_halo rows per image and band boundary.
+  const acc_t* halo = nullptr;
 };
 
 // The padded input rows read by output row oh of image b (a shared zero row outside the image), loaded into
@@ -363,6 +375,7 @@ inline RowClip row_clip(const Geometry& g) {
 //
 // With the input of the computing type and its channels contiguous, the convolution reads x in place (RowClip:
 // the outputs at the row's ends skip the taps past it); otherwise through a ring of padded channels-last copies.
+// With P.dact, the activation is applied by act_forward_save, which also writes act'(z) to P.dact's row.
 template <typename T, typename acc_t, typename Epi>
 inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t r0, int64_t r1) {
   const Geometry& g = P.g;
@@ -372,9 +385,9 @@ inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t 
   const RowClip clip = row_clip(g);
   const int64_t ps = direct ? dps : C;
   RowRing<acc_t> ring(direct ? 1 : k, direct ? 0 : cols * C);
-  std::vector<acc_t> z(g.Wo * C), zero_row(cols * ps, acc_t(0));
+  std::vector<acc_t> z(g.Wo * C), zero_row(cols * ps, acc_t(0)), drow(P.dact != nullptr ? g.Wo * C : 0);
   const acc_t* rows[kMaxKernel];
-  const auto conv = epi.conv_fused ? P.kern.conv_rows_act : P.kern.conv_rows;
+  const auto conv = epi.conv_fused && P.dact == nullptr ? P.kern.conv_rows_act : P.kern.conv_rows;
   const acc_t* wt = P.params->wt.data();
   const acc_t* bias = P.params->bias.data();
   int64_t cur_b = -1;
@@ -397,7 +410,14 @@ inline void rows_forward(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t 
       input_rows(P, ring, zero_row.data(), b, oh, rows);
       conv({rows, wt, bias, dst, g.Wo, C, s, k, C});
     }
-    if (!epi.conv_fused) epi.forward(dst, dst);
+    if (P.dact != nullptr) {
+      const bool d_in_place = row_in_place<T, acc_t>(P.ds, C);
+      acc_t* d = d_in_place ? reinterpret_cast<acc_t*>(P.dact + b * P.ds.b + oh * P.ds.h) : drow.data();
+      P.kern.act_forward_save(dst, dst, d, g.Wo, C);
+      if (!d_in_place) store_row(P.kern, d, P.dact, P.ds, C, g.Wo, b, oh);
+    } else if (!epi.conv_fused) {
+      epi.forward(dst, dst);
+    }
     if (!in_place) store_row(P.kern, z.data(), P.out, P.os, C, g.Wo, b, oh);
   }
 }
@@ -422,11 +442,36 @@ inline int64_t band_count(const Geometry& g) {
   return (g.Ho + kBandRows - 1) / kBandRows;
 }
 
+// Rows of P.dact copied for the backward with a saved derivative: for each image and each boundary R between
+// two bands, rows [R - p, R + p) (those inside the output), which the bands on both sides read.
+inline int64_t halo_rows(const Geometry& g) {
+  return 2 * g.p;
+}
+
+template <typename T, typename acc_t>
+inline void copy_halo(const RowProblem<T, acc_t>& P, acc_t* halo) {
+  const Geometry& g = P.g;
+  const int64_t nb = band_count(g), hr = halo_rows(g), n = g.Wo * g.C;
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t j = 1; j < nb; ++j) {
+      const int64_t R = j * kBandRows;
+      for (int64_t r = 0; r < hr; ++r) {
+        const int64_t oh = R - g.p + r;
+        if (oh >= 0 && oh < g.Ho) load_row(P.kern, P.dact, P.ds, g.C, g.Wo, b, oh, halo + ((b * (nb - 1) + j - 1) * hr + r) * n);
+      }
+    }
+  }
+}
+
 // Backward of band `band` of image b. part: this task's partial sums, gw (k * k, C) then gb (C,) then the
 // epilogue's own. epi.backward(z, grow, gz, extra, own) forms d loss / d z of one (Wo, C) row from the
 // pre-activation z (only computed when epi.needs_z) and the row's gradient grow, and adds its parameter
 // gradients to `extra` when `own`; or, when epi.bwd_fused, RowKernels::bwd_rows does the convolution, the
 // activation's backward and the parameter gradients of the row in one pass.
+//
+// With P.dact (the derivative saved by the forward; stride 1, Ho = H), d loss / d z = grow * dact and nothing
+// is recomputed. The input gradient then goes to P.gx = P.dact: input row ih is written once output rows up to
+// ih + p are formed, so row ih of dact has been read; the rows of other bands come from P.halo.
 template <typename T, typename acc_t, typename Epi>
 inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, int64_t b, int64_t band,
                                BackwardScratch<acc_t>& S, acc_t* part) {
@@ -498,7 +543,20 @@ inline void rows_backward_band(const RowProblem<T, acc_t>& P, const Epi& epi, in
     // stride is 1, else through S.gz
     acc_t* drow = S.gz_ring.slot(oh);
     acc_t* gz = s == 1 ? drow + (k - 1) * C : S.gz.data();
-    if (epi.bwd_fused) {
+    if (P.dact != nullptr) {
+      const acc_t* d = nullptr;
+      if (!own) {
+        const int64_t j = oh < oh0 ? band : band + 1, r = oh - (j * kBandRows - g.p);
+        d = P.halo + ((b * (nb - 1) + j - 1) * halo_rows(g) + r) * g.Wo * C;
+      } else if (row_in_place<T, acc_t>(P.ds, C)) {
+        d = reinterpret_cast<const acc_t*>(P.dact + b * P.ds.b + oh * P.ds.h);
+      } else {
+        load_row(P.kern, P.dact, P.ds, C, g.Wo, b, oh, S.z.data());
+        d = S.z.data();
+      }
+      P.kern.mul(grow, d, gz, g.Wo * C);
+      if (own) P.kern.grads_rows({rows, gz, gw, gb, g.Wo, C, s, k, ps, xclip});
+    } else if (epi.bwd_fused) {
       const ConvRowsArgs<acc_t> conv{rows, P.params->wt.data(), P.params->bias.data(), gz, g.Wo, C, s, k, ps, xclip};
       P.kern.bwd_rows({conv, grow, own ? gw : nullptr, gb});
     } else {

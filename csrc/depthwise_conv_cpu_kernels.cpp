@@ -206,6 +206,29 @@ MK_DW_INLINE V zmm_sigmoid(const V& z) {
   return r + r * t;
 }
 
+// 1 / (1 + e^-z) on a float or a vector of floats: zmm_sigmoid with AVX-512, else the inline exp and reciprocal.
+template <typename V>
+MK_DW_INLINE V vec_sigmoid(const V& z) {
+  if constexpr (IsZmmFloat<V>::value) {
+    return zmm_sigmoid(z);
+  } else {
+    V s = -z;
+    fast_exp_inplace(s);
+    s = s + 1.0f;
+    fast_recip_inplace(s);
+    return s;
+  }
+}
+
+// SiLU's derivative from z and its sigmoid s: s (1 + z (1 - s)), dw_activation_grad's form. The fused backward,
+// the saving forward and act_backward all use it, so that a saved derivative and a recomputed one agree to the
+// bit; it has no product that the saving forward shares with its output z s (a shared product would be rounded
+// there, while the backward alone contracts it into an FMA).
+template <typename V>
+MK_DW_INLINE V silu_derivative(const V& z, const V& s) {
+  return s * (1.0f + z * (1.0f - s));
+}
+
 // The activations that the float convolution kernels apply to each channel vector of outputs right after
 // computing it, while it is in L1 (no extra pass over memory): SiLU as dw_activation<kSilu> with CpuMath
 // states it, z * 1 / (1 + e^-z) (zmm_sigmoid with AVX-512); ReLU; none. GELU (erf) and float64 go through
@@ -214,14 +237,8 @@ template <DwAct A>
 struct VecActivation {
   template <typename V>
   static MK_DW_INLINE void apply(V& z) {
-    if constexpr (A == DwAct::kSilu && IsZmmFloat<V>::value) {
-      z = z * zmm_sigmoid(z);
-    } else if constexpr (A == DwAct::kSilu) {
-      V d = -z;
-      fast_exp_inplace(d);
-      d = d + 1.0f;
-      fast_recip_inplace(d);
-      z = z * d;
+    if constexpr (A == DwAct::kSilu) {
+      z = z * vec_sigmoid(z);
     } else if constexpr (A == DwAct::kRelu) {
       V zero{};
       z = z <= zero ? zero : z;  // NaN stays NaN, as torch.relu
@@ -237,18 +254,7 @@ struct VecActivationGrad {
   template <typename V>
   static MK_DW_INLINE void apply(V& z, const V& g) {
     if constexpr (A == DwAct::kSilu) {
-      V s;
-      if constexpr (IsZmmFloat<V>::value) {
-        s = zmm_sigmoid(z);
-      } else {
-        s = -z;
-        fast_exp_inplace(s);
-        s = s + 1.0f;
-        fast_recip_inplace(s);
-      }
-      // g s (1 + z (1 - s)) = u + u (z - z s), u = g s
-      const V u = g * s;
-      z = u + u * (z - z * s);
+      z = g * silu_derivative(z, vec_sigmoid(z));
     } else if constexpr (A == DwAct::kRelu) {
       V zero{};
       z = z <= zero ? zero : g;  // NaN z passes g, as dw_activation_grad
@@ -676,22 +682,61 @@ MK_DW_INLINE void act_backward_impl(const acc_t* __restrict__ z, const acc_t* __
   if constexpr (A == DwAct::kNone) {
     std::memcpy(gz, g, n * sizeof(acc_t));
   } else if constexpr (A == DwAct::kSilu && IsZmmFloat<typename VecOf<acc_t, VB>::type>::value) {
-    // g * s * (1 + z (1 - s)) = u + u * (z - z s), u = g s
     using V = typename VecOf<acc_t, VB>::type;
     int64_t e = 0;
     for (; e + 16 <= n; e += 16) {
       V zv, gv;
       vload(zv, z + e);
       vload(gv, g + e);
-      const V s = zmm_sigmoid(zv);
-      const V u = gv * s;
-      vstore(gz + e, u + u * (zv - zv * s));
+      vstore(gz + e, gv * silu_derivative(zv, zmm_sigmoid(zv)));
     }
     for (; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
   } else {
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
   }
+}
+
+// Rows of npix pixels of C channels: out = act(z) and dact = act'(z) (out in place when out == z), the forward
+// that saves the derivative for the backward. Float SiLU goes channel vector by channel vector as the fused
+// convolution does (conv_rows_impl's split into whole vectors and a scalar remainder), computing the sigmoid once
+// for both outputs: out then equals conv_rows_act's to the bit, dact the fused backward's act'(z). The rest
+// (GELU, float64) uses the formulas of act_forward and act_backward.
+template <typename V, typename acc_t>
+MK_DW_INLINE void silu_save(const acc_t* z, acc_t* out, acc_t* dact) {
+  V zv;
+  vload(zv, z);
+  const V s = vec_sigmoid(zv);
+  vstore(dact, silu_derivative(zv, s));
+  vstore(out, zv * s);
+}
+
+template <DwAct A, typename acc_t, int VB>
+MK_DW_INLINE void act_forward_save_impl(const acc_t* z, acc_t* out, acc_t* __restrict__ dact, int64_t npix,
+                                        int64_t C) {
+  if constexpr (A == DwAct::kSilu && std::is_same_v<acc_t, float>) {
+    constexpr int64_t L = VB / sizeof(float);
+    for (int64_t q = 0; q < npix; ++q) {
+      const int64_t o = q * C;
+      int64_t c = 0;
+      for (; c + L <= C; c += L) silu_save<typename VecOf<float, VB>::type>(z + o + c, out + o + c, dact + o + c);
+      for (; c < C; ++c) silu_save<float>(z + o + c, out + o + c, dact + o + c);
+    }
+  } else {
+    // two loops, each act_backward's or act_forward's own (one loop would share and round their common terms)
+    const int64_t n = npix * C;
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) dact[e] = dw_activation_grad<A, acc_t, CpuMath>(z[e]);
+    act_forward_impl<A, acc_t>(z, out, n);
+  }
+}
+
+// out[e] = a[e] * b[e]
+template <typename acc_t>
+MK_DW_INLINE void mul_impl(const acc_t* __restrict__ a, const acc_t* __restrict__ b, acc_t* __restrict__ out,
+                           int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) out[e] = a[e] * b[e];
 }
 
 // mean and 1 / sqrt(var + eps) of one pixel's C values (two passes over L1-resident data).
@@ -897,6 +942,14 @@ MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64
       act_forward_impl<A, acc_t>(z, out, n);                                                               \
     }                                                                                                      \
     template <DwAct A, typename acc_t>                                                                     \
+    ATTR static void act_forward_save(const acc_t* z, acc_t* out, acc_t* dact, int64_t npix, int64_t C) { \
+      act_forward_save_impl<A, acc_t, VB>(z, out, dact, npix, C);                                          \
+    }                                                                                                      \
+    template <typename acc_t>                                                                              \
+    ATTR static void mul(const acc_t* a, const acc_t* b, acc_t* out, int64_t n) {                          \
+      mul_impl<acc_t>(a, b, out, n);                                                                       \
+    }                                                                                                      \
+    template <DwAct A, typename acc_t>                                                                     \
     ATTR static void act_backward(const acc_t* z, const acc_t* g, acc_t* gz, int64_t n) {                  \
       act_backward_impl<A, acc_t, VB>(z, g, gz, n);                                                            \
     }                                                                                                      \
@@ -959,6 +1012,7 @@ template <typename Isa, typename acc_t, DwAct A>
 void set_act_kernels(RowKernels<acc_t>& r) {
   r.act_forward = &Isa::template act_forward<A, acc_t>;
   r.act_backward = &Isa::template act_backward<A, acc_t>;
+  r.act_forward_save = &Isa::template act_forward_save<A, acc_t>;
 }
 
 template <typename Isa, typename acc_t>
@@ -992,6 +1046,7 @@ RowKernels<acc_t> kernels_for(int64_t k, DwAct act) {
   }
   r.ln_forward = &Isa::template ln_forward<acc_t>;
   r.ln_backward = &Isa::template ln_backward<acc_t>;
+  r.mul = &Isa::template mul<acc_t>;
   r.copy2d = &Isa::template copy2d<acc_t>;
   r.transpose = &Isa::template transpose<acc_t>;
   return r;

@@ -72,6 +72,17 @@ std::vector<at::Tensor> ss2d_scan_bwd_cpu(const at::Tensor& dout, MEDKERNELS_SS2
       int64_t padding, double eps
 at::Tensor depthwise_conv2d_fwd_cpu(MEDKERNELS_DEPTHWISE_CONV_ARGS, bool channels_last);
 std::vector<at::Tensor> depthwise_conv2d_bwd_cpu(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_CONV_ARGS);
+// The forward that also saves the activation's derivative for the backward (CPU only):
+//   fwd_save -> {out, dact}: dact = act'(z) (B, C, Ho, Wo) T, empty_like(x), when the case allows it (SiLU
+//               or GELU, float32/float64, stride 1, Ho = H and Wo = W, not the NCHW plane walk), else an empty
+//               tensor (then use bwd); out equals fwd's
+//   bwd_saved(grad, x, weight, bias, dact, stride, padding) -> {dx, dweight, dbias}, equal to bwd's: dx is
+//               dact's storage, overwritten (dact is consumed)
+std::vector<at::Tensor> depthwise_conv2d_fwd_save_cpu(MEDKERNELS_DEPTHWISE_CONV_ARGS, bool channels_last);
+std::vector<at::Tensor> depthwise_conv2d_bwd_saved_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& weight,
+                                                       const c10::optional<at::Tensor>& bias, const at::Tensor& dact,
+                                                       int64_t stride, int64_t padding);
 at::Tensor depthwise_conv2d_layernorm_fwd_cpu(MEDKERNELS_DEPTHWISE_LN_ARGS);
 std::vector<at::Tensor> depthwise_conv2d_layernorm_bwd_cpu(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_LN_ARGS);
 // ---- end depthwise convolution ----

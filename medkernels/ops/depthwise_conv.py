@@ -27,16 +27,31 @@ def _contiguous(t):
 
 class _KernelImpl:
     """Adapts a backend's depthwise_conv2d_fwd/bwd (contract in csrc/ops.h): x and grad in any strides,
-    weight and bias contiguous."""
+    weight and bias contiguous. Backends that have them also give fwd_save / bwd_saved: a forward that saves
+    act'(z) and a backward that uses it instead of recomputing the convolution (see forward_save)."""
 
-    def __init__(self, fwd, bwd):
+    def __init__(self, fwd, bwd, fwd_save=None, bwd_saved=None):
         self.fwd, self.bwd = fwd, bwd
+        self.fwd_save, self.bwd_saved = fwd_save, bwd_saved
 
     def forward(self, x, weight, bias, stride, padding, activation, channels_last):
         return self.fwd(x, weight.contiguous(), _contiguous(bias), stride, padding, activation, channels_last)
 
     def backward(self, grad, x, weight, bias, stride, padding, activation):
         gx, gw, gb = self.bwd(grad, x, weight.contiguous(), _contiguous(bias), stride, padding, activation)
+        return gx, gw, gb
+
+    def forward_save(self, x, weight, bias, stride, padding, activation, channels_last):
+        """(out, dact): dact = act'(z), for backward_saved, or None where the backend or the case has none."""
+        if self.fwd_save is None or activation == "none":
+            return self.forward(x, weight, bias, stride, padding, activation, channels_last), None
+        out, dact = self.fwd_save(x, weight.contiguous(), _contiguous(bias), stride, padding, activation,
+                                  channels_last)
+        return out, (dact if dact.numel() > 0 else None)
+
+    def backward_saved(self, grad, x, weight, bias, dact, stride, padding):
+        """The backward from forward_save's dact, which it consumes: the input gradient is written over it."""
+        gx, gw, gb = self.bwd_saved(grad, x, weight.contiguous(), _contiguous(bias), dact, stride, padding)
         return gx, gw, gb
 
 
@@ -52,9 +67,11 @@ DEPTHWISE_CONV2D = OpTable("depthwise_conv2d", ref=_RefImpl)
 # nvidia-h100-80gb-hbm3-depthwise.txt): the cuda kernels took 2.2-4.2x cuDNN + activation's time forward and
 # 1.8-8.3x forward+backward, the triton ones 1.1-4.2x and 2.4-6.7x. Until they are faster, auto runs PyTorch.
 DEPTHWISE_CONV2D.prefer_ref_for_auto("cuda")
-for _name in ("cpu", "cuda", "triton"):
+for _name in ("cuda", "triton"):
     DEPTHWISE_CONV2D.register(_name, lambda b=_name: _KernelImpl(kernel_function(b, "depthwise_conv2d_fwd"),
                                                                  kernel_function(b, "depthwise_conv2d_bwd")))
+DEPTHWISE_CONV2D.register("cpu", lambda: _KernelImpl(*(kernel_function("cpu", f"depthwise_conv2d_{name}") for name in
+                                                       ("fwd", "bwd", "fwd_save", "bwd_saved"))))
 
 
 @torch.library.custom_op("medkernels::depthwise_conv2d_fwd", mutates_args=())
@@ -116,20 +133,36 @@ _DIRECT_BACKENDS = ("cpu", "cuda")
 
 
 class _DirectDepthwiseConv2d(torch.autograd.Function):
-    """The autograd of the custom op above, without its dispatch: for eager calls that need gradients."""
+    """The autograd of the custom op above, without its dispatch: for eager calls that need gradients.
+
+    Where the backend can (CPU: SiLU or GELU, float32/float64, stride 1, output the input's size, not the NCHW
+    plane walk), the forward keeps act'(z) instead of having the backward recompute the convolution and the
+    activation; the first backward consumes it (the input gradient is written over it), a second one (through
+    retain_graph) recomputes. The results are those of the recomputing path to the bit. It holds one
+    output-sized tensor from forward to backward, as PyTorch's conv + activation does with z; that tensor is
+    saved with save_for_backward, so that saved-tensor hooks (activation checkpointing, offloading) handle it.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, activation, backend, channels_last):
-        ctx.save_for_backward(x, weight, bias)
+        out, dact = DEPTHWISE_CONV2D.impl(backend).forward_save(x, weight, bias, stride, padding, activation,
+                                                               channels_last)
+        ctx.save_for_backward(x, weight, bias, dact)
         ctx.args = (stride, padding, activation, backend)
-        return DEPTHWISE_CONV2D.impl(backend).forward(x, weight, bias, stride, padding, activation, channels_last)
+        ctx.dact_unused = dact is not None
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, dact = ctx.saved_tensors
         stride, padding, activation, backend = ctx.args
-        gx, gw, gb = DEPTHWISE_CONV2D.impl(backend).backward(grad, x, weight, bias, stride, padding, activation)
+        impl = DEPTHWISE_CONV2D.impl(backend)
+        if ctx.dact_unused:
+            ctx.dact_unused = False
+            gx, gw, gb = impl.backward_saved(grad, x, weight, bias, dact, stride, padding)
+        else:
+            gx, gw, gb = impl.backward(grad, x, weight, bias, stride, padding, activation)
         return gx, gw, (gb if bias is not None else None), None, None, None, None, None
 
 
