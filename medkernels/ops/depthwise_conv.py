@@ -209,6 +209,12 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=No
     Returns ``(B, C, Ho, Wo)``, ``Ho = (H + 2 padding - k) // stride + 1``, in ``memory_format``
     (``torch.contiguous_format`` or ``torch.channels_last``; default: channels_last when x is
     channels_last-contiguous, else contiguous). Differentiable in x, weight and bias.
+
+    Memory in training: the backward keeps x (and weight, bias). On the cpu backend in eager mode, with SiLU or
+    GELU, float32/float64, stride 1 and an output the size of x, it also keeps ``act'(z)`` (one output-sized
+    tensor, as PyTorch's conv + activation keeps z) so that the backward need not recompute the convolution;
+    the input gradient is then written over it. Elsewhere (other cases, ``torch.compile``) the backward
+    recomputes z and keeps nothing more. The results are the same to the bit either way.
     """
     padding = validate_conv(x, weight, bias, stride, padding)
     name = "none" if activation is None else activation
