@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, ops
-from .bench_timing import summarize
+from .bench_timing import time_interleaved
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 KERNEL = 3
@@ -110,24 +110,10 @@ def _cases(device, quick):
             + [("depthwise_conv2d_layernorm", "nchw", torch.float32, 8)])
 
 
-def _time_interleaved(time_call, device, calls, warmup, repeats):
-    """{name: timing stats} of the zero-argument `calls`, timed round by round (one call of each per round)
-    rather than one after the other: the machine's drift over a run (30-50% on the shared 2-core CPU VM these
-    numbers come from) then falls on every provider alike instead of on whichever was timed during it."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in calls}
-    for _ in range(max(1, repeats)):
-        for name, fn in calls.items():
-            samples[name].append(time_call(fn, device, 0, 1)["median_s"])
-    return {name: summarize(times) for name, times in samples.items()}
-
-
 def bench_depthwise_conv(device, time_call, warmup, repeats, quick=True):
     """Rows of {"op", "pass", "provider", "shape", "max_abs_err_vs_ref", "median_s", "min_s", "max_s", "repeats",
     "baseline", "speedup"} for every case, stage and provider; `time_call` is medkernels.bench.time_call. The
-    providers of a case and pass are timed interleaved (_time_interleaved)."""
+    providers of a case and pass are timed interleaved (bench_timing.time_interleaved)."""
     device = torch.device(device)
     providers = ["pytorch", "ref"] + _kernel_providers(device)
     rows = []
@@ -144,14 +130,14 @@ def bench_depthwise_conv(device, time_call, warmup, repeats, quick=True):
                 def forward_only(p):
                     return lambda: _call(op, p, t, layout)
 
-                fwd = _time_interleaved(time_call, device, {p: forward_only(p) for p in providers}, warmup, repeats)
+                fwd = time_interleaved(time_call, device, {p: forward_only(p) for p in providers}, warmup, repeats)
             ref_grads = _forward_backward(op, "ref", t, layout)
             bwd_err = {p: _max_err(_forward_backward(op, p, t, layout), ref_grads) for p in providers}
 
             def both(p):
                 return lambda: _forward_backward(op, p, t, layout)
 
-            fwd_bwd = _time_interleaved(time_call, device, {p: both(p) for p in providers}, warmup, repeats)
+            fwd_bwd = time_interleaved(time_call, device, {p: both(p) for p in providers}, warmup, repeats)
             for provider in providers:
                 rows.append({"op": op, "pass": "forward", "provider": provider, "shape": shape,
                              "max_abs_err_vs_ref": fwd_err[provider], **fwd[provider]})

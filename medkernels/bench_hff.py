@@ -3,7 +3,8 @@
 "The fused attention + tail" is what medkernels' fused ops replace in HFFBlock: the spatial attention on the
 local feature l, the channel attention on the global feature g, the concatenation with the fused feature x_f
 and the channels-first LayerNorm (norm3), in training mode (the spatial BatchNorm on batch statistics,
-updating its running ones). Providers, side by side in one run and on the same inputs:
+updating its running ones). Providers, side by side in one run, on the same inputs and timed interleaved (one
+call of each per round, bench_timing.time_interleaved):
 
 * ``eager``: the same computation in plain eager PyTorch as the official HiFuse code writes it (the baseline);
 * ``ref``, ``cpu``, ``cuda``, ``triton``: medkernels' ``hff_attention_tail`` (the spatial and channel gates
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, ops
+from .bench_timing import time_interleaved
 
 SCALES = ((96, 56), (192, 28), (384, 14), (768, 7))
 REDUCTION = 16
@@ -132,16 +134,18 @@ def _bench_attention_tail(device, time_call, warmup, repeats, dtype, batch, chan
     t = attention_tail_inputs(device, dtype, batch, channels, size)
     grad = torch.randn(batch, 3 * channels, size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     compiled = torch.compile(eager_attention_tail) if device.type == "cuda" else None
-    rows, outs, grads = [], {}, {}
-    for provider in hff_providers(device):
-        fn = _provider_call(provider, compiled)
-        with torch.no_grad():
-            outs[provider] = fn(t)
-            stats = time_call(lambda: fn(t), device, warmup, repeats)
-        rows.append({"op": "hff_attention_tail", "pass": "forward", "provider": provider, "shape": shape, **stats})
-        grads[provider] = _forward_backward(fn, t, grad)
-        stats = time_call(lambda: _forward_backward(fn, t, grad), device, warmup, repeats)
-        rows.append({"op": "hff_attention_tail", "pass": "forward+backward", "provider": provider, "shape": shape, **stats})
+    fns = {provider: _provider_call(provider, compiled) for provider in hff_providers(device)}
+    with torch.no_grad():
+        outs = {provider: fn(t) for provider, fn in fns.items()}
+        fwd = time_interleaved(time_call, device, {p: (lambda fn=fn: fn(t)) for p, fn in fns.items()}, warmup, repeats)
+    grads = {provider: _forward_backward(fn, t, grad) for provider, fn in fns.items()}
+    both = {p: (lambda fn=fn: _forward_backward(fn, t, grad)) for p, fn in fns.items()}
+    fwd_bwd = time_interleaved(time_call, device, both, warmup, repeats)
+    rows = []
+    for provider in fns:
+        rows.append({"op": "hff_attention_tail", "pass": "forward", "provider": provider, "shape": shape, **fwd[provider]})
+        rows.append({"op": "hff_attention_tail", "pass": "forward+backward", "provider": provider, "shape": shape,
+                     **fwd_bwd[provider]})
     for row in rows:
         got = outs if row["pass"] == "forward" else grads
         row["max_abs_err_vs_ref"] = _max_err(got[row["provider"]], got["ref"])
@@ -170,8 +174,7 @@ def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, siz
               torch.randn(batch, channels // 2, 2 * size, 2 * size, generator=gen)]
     inputs = [x.to(device=device, dtype=dtype) for x in inputs]
     grad = torch.randn(batch, channels, size, size, generator=gen).to(device=device, dtype=dtype)
-    rows, grads = [], {}
-    for provider in [p for p in hff_providers(device) if p != "compile"]:
+    def step_of(provider):
         model = copy.deepcopy(block)
 
         def step():
@@ -183,9 +186,13 @@ def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, siz
                     out = model(*leaves)
             return torch.autograd.grad(out, leaves + list(model.parameters()), grad, allow_unused=True)[:3]
 
-        grads[provider] = step()
-        stats = time_call(step, device, warmup, repeats)
-        rows.append({"op": "hff_block", "pass": "forward+backward", "provider": provider, "shape": shape, **stats})
+        return step
+
+    steps = {provider: step_of(provider) for provider in hff_providers(device) if provider != "compile"}
+    grads = {provider: step() for provider, step in steps.items()}
+    stats = time_interleaved(time_call, device, steps, warmup, repeats)
+    rows = [{"op": "hff_block", "pass": "forward+backward", "provider": provider, "shape": shape, **stats[provider]}
+            for provider in steps]
     for row in rows:
         row["max_abs_err_vs_ref"] = _max_err(grads[row["provider"]], grads["ref"])
     return rows

@@ -42,6 +42,21 @@ def time_call(fn, device, warmup, repeats):
     return summarize(times)
 
 
+def time_interleaved(time_call, device, calls, warmup, repeats):
+    """{name: timing stats} of the zero-argument `calls`, timed round by round (one call of each per round)
+    rather than one after the other: the machine's drift over a run (30-50% on the shared 2-core CPU VM these
+    numbers come from) then falls on every provider alike instead of on whichever was timed during it.
+    `time_call` is time_call above (or a stand-in with its signature)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in calls}
+    for _ in range(max(1, repeats)):
+        for name, fn in calls.items():
+            samples[name].append(time_call(fn, device, 0, 1)["median_s"])
+    return {name: summarize(times) for name, times in samples.items()}
+
+
 # --quick caps the timed calls of a slow row at about this many seconds (never fewer than two calls)
 QUICK_ROW_BUDGET_S = 6.0
 

@@ -226,8 +226,8 @@ def test_asking_for_cuda_without_a_gpu_is_a_usage_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_depthwise_providers_are_timed_round_by_round():
-    from medkernels.bench_depthwise import _time_interleaved
+def test_providers_are_timed_round_by_round():
+    from medkernels.bench_timing import time_interleaved
 
     order = []
     fake_times = {"a": 1.0, "b": 3.0}
@@ -237,6 +237,6 @@ def test_depthwise_providers_are_timed_round_by_round():
         return {"median_s": fake_times[fn()]}
 
     calls = {name: (lambda name=name: order.append(name) or name) for name in ("a", "b")}
-    stats = _time_interleaved(time_call, torch.device("cpu"), calls, warmup=1, repeats=3)
+    stats = time_interleaved(time_call, torch.device("cpu"), calls, warmup=1, repeats=3)
     assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-up calls, then alternating rounds
     assert stats["a"]["repeats"] == 3 and stats["a"]["median_s"] == 1.0 and stats["b"]["median_s"] == 3.0

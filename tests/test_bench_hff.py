@@ -24,6 +24,19 @@ def test_hff_bench_rows_are_consistent():
     assert table.count("\n") == len(rows) + 1 and "hff_attention_tail  forward" in table
 
 
+def test_hff_providers_are_timed_interleaved():
+    # every timed call is a single one (warm-up 0, repeats 1) made by bench_timing.time_interleaved
+    calls = []
+
+    def time_call(fn, device, warmup, repeats):
+        calls.append((warmup, repeats))
+        fn()
+        return {"median_s": 1.0}
+
+    bench_hff.bench_hff(torch.device("cpu"), time_call, 1, 2, quick=True, scales=((16, 4),), batch=2)
+    assert calls and set(calls) == {(0, 1)}
+
+
 def test_hff_bench_main_writes_json(tmp_path, monkeypatch, capsys):
     """python -m medkernels.bench_hff --json FILE: the printed table and the JSON file hold the same rows (the
     benchmark itself shrunk to one tiny scale)."""
