@@ -261,12 +261,7 @@ at::Tensor conv_forward(const char* op, const at::Tensor& x, const at::Tensor& w
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t t0, int64_t t1) { dwcpu::plane_forward_tasks(P, t0, t1); });
     } else {
       const auto params = dwcpu::row_params<T, acc_t>(weight, a.has_bias ? &*bias : nullptr, g.C, g.k, false);
-      dwcpu::RowProblem<T, acc_t> P;
-      P.g = g;
-      P.kern = kern;
-      P.params = &params;
-      P.x = x.const_data_ptr<T>();
-      P.xs = Strides(x);
+      auto P = dwcpu::make_row_problem<T>(g, kern, params, x);
       P.out = out.mutable_data_ptr<T>();
       P.os = Strides(out);
       if (dact != nullptr) {
@@ -317,12 +312,7 @@ void rows_backward(const Geometry& g, const dwcpu::RowKernels<acc_t>& kern, cons
   const int64_t kk = g.k * g.k, C = g.C;
   const bool has_bias = dwconv::present(bias);
   const auto params = dwcpu::row_params<T, acc_t>(weight, has_bias ? &*bias : nullptr, C, g.k);
-  dwcpu::RowProblem<T, acc_t> P;
-  P.g = g;
-  P.kern = kern;
-  P.params = &params;
-  P.x = x.const_data_ptr<T>();
-  P.xs = Strides(x);
+  auto P = dwcpu::make_row_problem<T>(g, kern, params, x);
   P.grad = grad.const_data_ptr<T>();
   P.gs = Strides(grad);
   P.gx = gx.mutable_data_ptr<T>();

@@ -333,6 +333,19 @@ struct RowProblem {
   const acc_t* halo = nullptr;
 };
 
+// A row problem over x with the given kernels and parameters (the other tensors are set by the caller).
+template <typename T, typename acc_t>
+inline RowProblem<T, acc_t> make_row_problem(const Geometry& g, const RowKernels<acc_t>& kern,
+                                             const RowParams<acc_t>& params, const at::Tensor& x) {
+  RowProblem<T, acc_t> P;
+  P.g = g;
+  P.kern = kern;
+  P.params = &params;
+  P.x = x.const_data_ptr<T>();
+  P.xs = Strides(x);
+  return P;
+}
+
 // The padded input rows read by output row oh of image b (a shared zero row outside the image), loaded into
 // the ring as needed.
 template <typename T, typename acc_t>
