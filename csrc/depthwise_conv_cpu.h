@@ -329,7 +329,7 @@ struct RowProblem {
   T* dact = nullptr;
   Strides ds;
   // Backward with dact: the rows of dact that a band reads but another band owns, copied before the walk
-  // (halo_rows); nb_halo rows per image and band boundary.
+  // (copy_halo): halo_rows(g) rows per image and band boundary.
   const acc_t* halo = nullptr;
 };
 
@@ -470,7 +470,8 @@ inline void copy_halo(const RowProblem<T, acc_t>& P, acc_t* halo) {
       const int64_t R = j * kBandRows;
       for (int64_t r = 0; r < hr; ++r) {
         const int64_t oh = R - g.p + r;
-        if (oh >= 0 && oh < g.Ho) load_row(P.kern, P.dact, P.ds, g.C, g.Wo, b, oh, halo + ((b * (nb - 1) + j - 1) * hr + r) * n);
+        acc_t* dst = halo + ((b * (nb - 1) + j - 1) * hr + r) * n;
+        if (oh >= 0 && oh < g.Ho) load_row(P.kern, P.dact, P.ds, g.C, g.Wo, b, oh, dst);
       }
     }
   }

@@ -143,7 +143,8 @@ def _bench_attention_tail(device, time_call, warmup, repeats, dtype, batch, chan
     fwd_bwd = time_interleaved(time_call, device, both, warmup, repeats)
     rows = []
     for provider in fns:
-        rows.append({"op": "hff_attention_tail", "pass": "forward", "provider": provider, "shape": shape, **fwd[provider]})
+        rows.append({"op": "hff_attention_tail", "pass": "forward", "provider": provider, "shape": shape,
+                     **fwd[provider]})
         rows.append({"op": "hff_attention_tail", "pass": "forward+backward", "provider": provider, "shape": shape,
                      **fwd_bwd[provider]})
     for row in rows:
@@ -174,6 +175,7 @@ def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, siz
               torch.randn(batch, channels // 2, 2 * size, 2 * size, generator=gen)]
     inputs = [x.to(device=device, dtype=dtype) for x in inputs]
     grad = torch.randn(batch, channels, size, size, generator=gen).to(device=device, dtype=dtype)
+
     def step_of(provider):
         model = copy.deepcopy(block)
 

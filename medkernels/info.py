@@ -70,6 +70,7 @@ def format_info(d):
     else:
         lines.append("  not loaded")
     if d["cpu_isa_cap"] is not None:
-        lines.append(f"CPU kernels' SIMD cap: {d['cpu_isa_cap']} (each kernel uses the best level the CPU has within it)")
+        lines.append(f"CPU kernels' SIMD cap: {d['cpu_isa_cap']} "
+                     "(each kernel uses the best level the CPU has within it)")
     lines.append("devices: " + ", ".join(d["devices"]))
     return "\n".join(lines) + "\n"

@@ -42,8 +42,9 @@ class _KernelImpl:
         return gx, gw, gb
 
     def forward_save(self, x, weight, bias, stride, padding, activation, channels_last):
-        """(out, dact): dact = act'(z), for backward_saved, or None where the backend or the case has none."""
-        if self.fwd_save is None or activation == "none":
+        """(out, dact): dact = act'(z), for backward_saved, or None where the backend or the case has none (the
+        backend decides which cases save: csrc's can_save_derivative for cpu)."""
+        if self.fwd_save is None:
             return self.forward(x, weight, bias, stride, padding, activation, channels_last), None
         out, dact = self.fwd_save(x, weight.contiguous(), _contiguous(bias), stride, padding, activation,
                                   channels_last)
