@@ -2,7 +2,7 @@
 
     python examples/train.py --model medmamba_t --epochs 2 --out runs/medmamba
     torchrun --nproc_per_node=2 examples/train.py --model hifuse_tiny --out runs/hifuse
-    torchrun --nproc_per_node=8 examples/train.py --model medmamba_t --image-size 224 --amp   # GPUs
+    torchrun --nproc_per_node=8 examples/train.py --model medmamba_t --image-size 224 --amp   # GPUs, bf16 autocast
 
 Several processes train with DistributedDataParallel (NCCL on GPUs, gloo on CPUs), each on its shard of
 every batch.  Rank 0 writes ``<out>/checkpoint.pt`` (model, optimizer, epoch) after every epoch; ``--resume``
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backend", default="auto", choices=("auto", "ref", "cpu", "cuda", "triton"))
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU or GPU)")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)

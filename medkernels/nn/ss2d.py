@@ -192,7 +192,7 @@ class SS2D(nn.Module):
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """The scan core: per-pixel projections, then the fused four-direction scan.
 
-        x: (batch, d_inner, H, W) (after conv + SiLU) -> y: (batch, d_inner, H * W), float32, row-major pixel
+        x: (batch, d_inner, H, W) (after conv + SiLU) -> y: (batch, d_inner, H * W) in x's dtype, row-major pixel
         order, the sum of the four directions' outputs. The x_proj/dt_proj projections act on each pixel
         alone, so they are computed once in pixel order; ``ops.ss2d_scan`` walks the four directions itself
         (the official code materialises the four scan orders, projects them and merges them back).
@@ -202,12 +202,15 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bdl,kcd->bkcl", x.reshape(b, d, length), self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # bias goes to the scan (delta_bias)
+        # the activations go to the scan in their own dtype (x's, or the autocast dtype), which computes in
+        # float32 from them and answers in that dtype; the official code casts them to float32 first, which
+        # changes no value but makes the float32 output refuse a LayerNorm with bfloat16 weights
         y = ops.ss2d_scan(
-            x.float(),
-            dts.float().reshape(b, k, d, h, w),
+            x,
+            dts.to(x.dtype).reshape(b, k, d, h, w),
             -torch.exp(self.A_logs.float()),
-            bs.float().reshape(b, k, self.d_state, h, w),
-            cs.float().reshape(b, k, self.d_state, h, w),
+            bs.reshape(b, k, self.d_state, h, w),
+            cs.reshape(b, k, self.d_state, h, w),
             D=self.Ds.float(),
             delta_bias=self.dt_projs_bias.float().reshape(-1),
             delta_softplus=True,
@@ -222,7 +225,7 @@ class SS2D(nn.Module):
         # the conv reads the channels-last half of in_proj's output in place and writes the
         # (b, d_inner, h, w) pixel-order layout the scan reads, SiLU fused
         x = self.conv2d(x.permute(0, 3, 1, 2), memory_format=torch.contiguous_format)
-        y = self.forward_core(x)  # (b, d_inner, L) float32
+        y = self.forward_core(x)  # (b, d_inner, L)
         y = y.transpose(1, 2).reshape(b, h, w, self.d_inner)
         y = self.out_norm(y) * F.silu(z)
         out = self.out_proj(y)

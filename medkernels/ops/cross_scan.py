@@ -64,7 +64,8 @@ _cross_merge.register_autograd(_cross_merge_backward, setup_context=_save_shape)
 
 def cross_scan(x):
     """x: ``(B, C, H, W)`` -> ``(B, 4, C, H*W)``: the row-major, column-major, reversed row-major and
-    reversed column-major scans of every channel, exactly as MedMamba's SS2D builds them."""
+    reversed column-major scans of every channel, exactly as MedMamba's SS2D builds them. Any float dtype;
+    the output keeps it, under ``torch.autocast`` too (data movement: nothing is cast)."""
     check_tensor(x, "x", ndim=4)
     b, c, h, w = x.shape
     check_size(4 * x.numel(), "the output", (b, 4, c, h * w))
@@ -73,7 +74,8 @@ def cross_scan(x):
 
 def cross_merge(y):
     """y: ``(B, 4, C, H, W)`` with ``y[:, k]`` flattened in direction k's scan order (see cross_scan) ->
-    ``(B, C, H*W)``: the four directions mapped back to row-major pixel order and summed."""
+    ``(B, C, H*W)``: the four directions mapped back to row-major pixel order and summed, in y's dtype (under
+    ``torch.autocast`` too: nothing is cast)."""
     check_tensor(y, "y", ndim=5)
     if y.shape[1] != 4:
         raise ValueError(f"y must have shape (B, 4, C, H, W) with 4 scan directions, got {tuple(y.shape)}")

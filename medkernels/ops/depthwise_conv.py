@@ -7,6 +7,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_size, check_tensor, eager_plain, vjp
 from .depthwise_conv_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
 
@@ -216,7 +217,15 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=None, activation=No
     tensor, as PyTorch's conv + activation keeps z) so that the backward need not recompute the convolution;
     the input gradient is then written over it. Elsewhere (other cases, ``torch.compile``) the backward
     recomputes z and keeps nothing more. The results are the same to the bit either way.
+
+    dtypes: float16, bfloat16, float32, float64, one for x, weight and bias (accumulation in float32, float64
+    for float64). Under ``torch.autocast``, as ``F.conv2d``: x, weight and bias are cast to the autocast dtype
+    (float64 stays), the convolution and activation run in it and the result is in it; the gradients of
+    float32 parameters come back in float32.
     """
+    amp = autocast_dtype(x)
+    if amp is not None:
+        return run_cast(depthwise_conv2d, amp, (x, weight, bias, stride, padding, activation, memory_format), (0, 1, 2))
     padding = validate_conv(x, weight, bias, stride, padding)
     name = "none" if activation is None else activation
     if name not in ACTIVATIONS or name == "none" and activation is not None:

@@ -5,6 +5,7 @@ from typing import List, Optional
 import torch
 
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_tensor, eager_plain, vjp
 from .depthwise_conv import _contiguous, kernel_function, validate_conv
 from .depthwise_conv_ref import depthwise_conv2d_layernorm_ref
@@ -19,20 +20,27 @@ class _RefImpl:
         return vjp(depthwise_conv2d_layernorm_ref, args, grad)[:5]
 
 
+def _in_dtype(t, dtype):
+    return None if t is None else t.to(dtype).contiguous()
+
+
 class _KernelImpl:
     """Adapts a backend's depthwise_conv2d_layernorm_fwd/bwd (contract in csrc/ops.h): x and grad in any
-    strides, the parameter vectors contiguous."""
+    strides, the parameter vectors contiguous and in x's dtype (float32 LayerNorm parameters of a half x are
+    rounded to it, and their gradients come back in float32 from the kernels' half ones)."""
 
     def __init__(self, fwd, bwd):
         self.fwd, self.bwd = fwd, bwd
 
     def forward(self, x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
-        return self.fwd(x, weight.contiguous(), _contiguous(bias), _contiguous(ln_weight), _contiguous(ln_bias),
-                        stride, padding, eps)
+        return self.fwd(x, weight.contiguous(), _contiguous(bias), _in_dtype(ln_weight, x.dtype),
+                        _in_dtype(ln_bias, x.dtype), stride, padding, eps)
 
     def backward(self, grad, x, weight, bias, ln_weight, ln_bias, stride, padding, eps):
-        return list(self.bwd(grad, x, weight.contiguous(), _contiguous(bias), _contiguous(ln_weight),
-                             _contiguous(ln_bias), stride, padding, eps))
+        grads = self.bwd(grad.to(x.dtype), x, weight.contiguous(), _contiguous(bias), _in_dtype(ln_weight, x.dtype),
+                         _in_dtype(ln_bias, x.dtype), stride, padding, eps)
+        return [g if t is None or g is None else g.to(t.dtype)
+                for g, t in zip(grads, (x, weight, bias, ln_weight, ln_bias))]
 
 
 DEPTHWISE_CONV2D_LAYERNORM = OpTable("depthwise_conv2d_layernorm", ref=_RefImpl)
@@ -102,15 +110,28 @@ def depthwise_conv2d_layernorm(x, weight, bias=None, ln_weight=None, ln_bias=Non
     :func:`depthwise_conv2d`. Returns ``(B, Ho, Wo, C)`` contiguous (channels-last rows, as a following
     ``nn.Linear`` over channels reads them). The normalisation is over the channels of each pixel, biased
     variance, eps inside the square root. Differentiable in every tensor argument.
+
+    dtypes: x, weight and bias of one dtype (float16, bfloat16, float32, float64); ln_weight and ln_bias in x's
+    dtype, or float32 for a half x (as ``F.layer_norm`` accepts); statistics in float32 (float64 for float64).
+    The output is in x's dtype. Under ``torch.autocast``: x, weight and bias are cast to the autocast dtype (the
+    convolution runs in it, as ``F.conv2d``), ln_weight and ln_bias are left as they are, the statistics stay
+    float32, and the output is in the dtype ``F.layer_norm`` gives there: the autocast dtype on CPU, float32 on
+    CUDA (where autocast runs layer_norm in float32).
     """
+    amp = autocast_dtype(x)
+    if amp is not None:
+        return run_cast(depthwise_conv2d_layernorm, amp, (x, weight, bias, ln_weight, ln_bias, eps, stride, padding),
+                        (0, 1, 2), layer_norm=True)
     padding = validate_conv(x, weight, bias, stride, padding)
     channels = x.shape[1]
     for name, v in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         check_tensor(v, name, ndim=1, optional=True)
         if v is not None and v.shape[0] != channels:
             raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(v.shape)}")
-        if v is not None and v.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {v.dtype}")
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if v is not None and v.dtype != x.dtype and not (half and v.dtype == torch.float32):
+            allowed = f"x's dtype {x.dtype}" + (" or torch.float32" if half else "")
+            raise TypeError(f"{name} must have {allowed}, got {v.dtype}")
     check_same_device(x=x, ln_weight=ln_weight, ln_bias=ln_bias)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")

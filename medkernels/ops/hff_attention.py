@@ -14,6 +14,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention_ref import (
     acc_dtype,
@@ -255,6 +256,10 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, train
 
 
 def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
+    amp = autocast_dtype(x)
+    if amp is not None:  # nothing is cast (see hff_spatial_attention), and the reference must not cast either
+        args = (x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only)
+        return run_cast(_spatial, amp, args, ())
     use_batch_stats = validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum)
     backend = empty_batch_to_ref(resolve(HFF_SPATIAL_ATTENTION, x.device), x)
     y, mean, var, _, _ = _spatial_fwd(
@@ -274,7 +279,10 @@ def hff_spatial_attention(
     momentum, eps)``: with ``training`` (or no running stats) it normalises with the batch statistics of
     the map and, when running stats are given and ``training``, updates them in place (unbiased variance).
     Returns ``(B, C, H, W)`` in x's dtype (the gate in float32, float64 for float64 x). Differentiable in x,
-    conv_weight, bn_weight and bn_bias.
+    conv_weight, bn_weight and bn_bias. The weights and statistics may be float32 for a half x.
+
+    Under ``torch.autocast`` nothing is cast: the output keeps x's dtype, as ``x * gate`` does in PyTorch, and
+    the gate (a 2-channel convolution and a BatchNorm of one map) stays in float32.
     """
     return _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, False)
 
@@ -284,6 +292,7 @@ def hff_spatial_gate(x, conv_weight, bn_weight, bn_bias, running_mean, running_v
 
     Same arguments and BatchNorm semantics (running statistics updated in place when ``training``).
     Returns ``(B, 1, H, W)`` in float32 (float64 for float64 x); ``x * gate`` is the attention's output.
+    Under ``torch.autocast`` nothing is cast and the gate stays float32.
     """
     return _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, True)
 
@@ -360,6 +369,9 @@ def validate_channel(x, fc1_weight, fc2_weight, name="x"):
 
 
 def _channel(x, fc1_weight, fc2_weight, gate_only):
+    amp = autocast_dtype(x)
+    if amp is not None:
+        return run_cast(_channel, amp, (x, fc1_weight, fc2_weight, gate_only), ())
     w1, w2 = validate_channel(x, fc1_weight, fc2_weight)
     return _channel_fwd(x, w1, w2, empty_batch_to_ref(resolve(HFF_CHANNEL_ATTENTION, x.device), x), gate_only)[0]
 
@@ -369,7 +381,10 @@ def hff_channel_attention(x, fc1_weight, fc2_weight):
 
     x: ``(B, C, H, W)``; fc1_weight: ``(C // r, C)`` or ``(C // r, C, 1, 1)``; fc2_weight: ``(C, C // r)`` or
     ``(C, C // r, 1, 1)``; mlp(v) = fc2(relu(fc1(v))) without biases; pooling over H and W.
-    Returns ``(B, C, H, W)`` in x's dtype. Differentiable in x, fc1_weight and fc2_weight.
+    Returns ``(B, C, H, W)`` in x's dtype. Differentiable in x, fc1_weight and fc2_weight. The weights may be
+    float32 for a half x; the gate is computed in float32 (float64 for float64 x).
+
+    Under ``torch.autocast`` nothing is cast: the output keeps x's dtype and the gate stays in float32.
     """
     return _channel(x, fc1_weight, fc2_weight, False)
 
@@ -378,6 +393,6 @@ def hff_channel_gate(x, fc1_weight, fc2_weight):
     """The gate of :func:`hff_channel_attention`: ``sigmoid(mlp(maxpool(x)) + mlp(avgpool(x)))``.
 
     Same arguments. Returns ``(B, C, 1, 1)`` in float32 (float64 for float64 x); ``x * gate`` is the
-    attention's output.
+    attention's output. Under ``torch.autocast`` nothing is cast and the gate stays float32.
     """
     return _channel(x, fc1_weight, fc2_weight, True)

@@ -12,6 +12,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import eager_plain, empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
 from .hff_attention_ref import acc_dtype, channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
@@ -215,8 +216,18 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
     :func:`hff_channel_gate`'s (fc1_weight ``(C2 // r, C2)``, fc2_weight ``(C2, C2 // r)``, or with 1x1 dims),
     and the LayerNorm over the C2 + C1 + Ci channels is :func:`hff_fused_tail`'s (ln_weight, ln_bias
     ``(C2 + C1 + Ci,)``, ``ln_eps``). Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in l, g, x_f
-    and every weight.
+    and every weight. The weights and statistics may be float32 for half features; the gates and the LayerNorm
+    statistics are computed in float32 (float64 for float64 features).
+
+    Under ``torch.autocast``: l, g and x_f are cast to the autocast dtype, the weights and running statistics
+    are left as they are (the statistics stay float32), and the output is in the dtype ``F.layer_norm`` gives
+    there: the autocast dtype on CPU, float32 on CUDA.
     """
+    amp = autocast_dtype(l)
+    if amp is not None:
+        args = (l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, fc1_weight, fc2_weight,
+                ln_weight, ln_bias, momentum, bn_eps, ln_eps)
+        return run_cast(hff_attention_tail, amp, args, (0, 1, 2), layer_norm=True)
     use_batch_stats = validate_spatial(l, conv_weight, bn_weight, bn_bias, running_mean, running_var, training,
                                        momentum, name="l")
     w1, w2 = validate_channel(g, fc1_weight, fc2_weight, name="g")

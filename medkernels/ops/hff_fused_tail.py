@@ -13,6 +13,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_size, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad
 from .hff_attention_ref import acc_dtype
@@ -154,7 +155,15 @@ def hff_fused_tail(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, ep
     normalises each pixel over all channels with the biased variance and ``eps`` inside the square root
     (HiFuse's channels-first LayerNorm), in float32 (float64 for float64 inputs).
     Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in every tensor argument.
+
+    Under ``torch.autocast``: l, g and x_f are cast to the autocast dtype, the gates and LayerNorm parameters
+    are left as they are, the statistics stay float32, and the output is in the dtype ``F.layer_norm`` gives
+    there (the autocast dtype on CPU, float32 on CUDA).
     """
+    amp = autocast_dtype(l)
+    if amp is not None:
+        args = (l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps)
+        return run_cast(hff_fused_tail, amp, args, (0, 1, 2), layer_norm=True)
     validate_tail(l, g, x_f, ln_weight, ln_bias, spatial_gate, channel_gate)
     backend = empty_batch_to_ref(resolve(HFF_FUSED_TAIL, l.device), l)
     return _tail_fwd(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, float(eps), backend)[0]

@@ -8,6 +8,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, vjp
 from .selective_scan_ref import selective_scan_ref
 
@@ -208,7 +209,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Inputs may be float16/bfloat16/float32 (state and arithmetic in float32) or float64.
     Returns out ``(batch, dim, L)`` in u's dtype, and also last_state ``(batch, dim, N)`` (float32, or
     float64 for float64 inputs) when ``return_last_state``. Differentiable in every tensor argument.
+
+    Under ``torch.autocast`` the activations u, delta, B, C and z are cast to the autocast dtype (as
+    mamba_ssm's kernels take them, in the input dtype), A, D and delta_bias are left as they are, the state
+    and arithmetic stay float32, and out is in the autocast dtype (last_state float32).
     """
+    amp = autocast_dtype(u)
+    if amp is not None:
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return run_cast(selective_scan, amp, args, (0, 1, 3, 4, 6))
     _validate(u, delta, A, B, C, D, z, delta_bias)
     backend = resolve(SELECTIVE_SCAN, u.device)
     out, last_state = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)

@@ -6,6 +6,7 @@ import torch
 
 from .. import _ext
 from .._backend import OpTable, resolve
+from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_shape, check_tensor, vjp
 from .selective_scan import MAX_STATE, kernel_operand, restore_grads, state_dtype
 from .ss2d_scan_ref import ss2d_scan_ref
@@ -136,6 +137,14 @@ def ss2d_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     ``k * dim .. k * dim + dim - 1`` of A, D and delta_bias, exactly as ``cross_scan`` + ``selective_scan``
     (B, C grouped by direction) + ``cross_merge`` would. Returns the four outputs summed per pixel,
     ``(batch, dim, H, W)`` in u's dtype. Differentiable in every tensor argument.
+
+    dtypes: u, delta float16/bfloat16/float32 (state and arithmetic in float32) or float64, one dtype; B, C any
+    float dtype (read in u's); A float32 or float64. Under ``torch.autocast`` the activations u, delta, B and C
+    are cast to the autocast dtype, A, D and delta_bias are left as they are, the state stays float32, and
+    the output is in the autocast dtype.
     """
+    amp = autocast_dtype(u)
+    if amp is not None:
+        return run_cast(ss2d_scan, amp, (u, delta, A, B, C, D, delta_bias, delta_softplus), (0, 1, 3, 4))
     _validate(u, delta, A, B, C, D, delta_bias)
     return _ss2d_scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), resolve(SS2D_SCAN, u.device))
