@@ -43,6 +43,9 @@ def _parser():
     p.add_argument("--models", nargs="*", choices=list(MODEL_BENCHES), default=None,
                    help="networks to time (default: all; --models with no name: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, nargs="+", metavar="N", help="the networks' inference batch sizes "
+                   "(default: the mode's)")
+    p.add_argument("--train-batch", type=int, metavar="N", help="the networks' training batch (default: the mode's)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default 1 quick, 2 full; the first "
                    "call, which also gives each row's error, counts as one)")
     p.add_argument("--repeats", type=int, help="timed calls per row (default 3 quick, 5 full)")
@@ -108,6 +111,14 @@ def main(argv=None):
             print(f"wrote the {kind} table of {readme} from {path}")
         return 0
     quick = not args.full
+    from . import bench_models
+
+    if any(b < 1 for b in (args.batches or ())) or (args.train_batch is not None and args.train_batch < 1):
+        parser.error("--batches and --train-batch take batch sizes of at least 1")
+    for key, value in (("infer_batches", tuple(args.batches) if args.batches else None),
+                       ("train_batch", args.train_batch)):
+        if value is not None:
+            bench_models.OVERRIDES[key] = value
     mode = "quick" if quick else "full"
     warmup = DEFAULTS[mode]["warmup"] if args.warmup is None else args.warmup
     repeats = DEFAULTS[mode]["repeats"] if args.repeats is None else args.repeats

@@ -6,7 +6,14 @@ ops stay opaque custom ops inside the compiled graph, compile time is the row's 
 MedMamba-T ``mambapy`` (CPU: the official SS2D formulation around mambapy's parallel scan) and ``official``
 (GPU: the official SS2D formulation around mamba_ssm's ``selective_scan_fn``, when installed).
 A training step is forward, cross-entropy, backward and an AdamW step.
+
+Mixed precision: ``medkernels`` and ``ref`` also run under bfloat16 autocast (``<provider> bf16-autocast``: the
+forward and the loss inside ``torch.autocast``, float32 weights) and with the weights cast to bfloat16
+(``<provider> bf16-weights``: ``model.to(torch.bfloat16)``, bfloat16 images). Each row's ``rel_err_vs_float32``
+is ``||logits - logits_32|| / ||logits_32||`` against the float32 ``ref`` row of its group (where that row cannot
+run, the first of ``mambapy``, ``official``, ``medkernels`` that did).
 """
+import contextlib
 import copy
 
 import torch
@@ -19,6 +26,7 @@ from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repea
 
 NUM_CLASSES = 7
 INFERENCE, TRAIN = "inference", "train step"
+FLOAT32, AUTOCAST, HALF_WEIGHTS = "float32", "bf16-autocast", "bf16-weights"
 
 # (device type, quick) -> sizes and batches. Quick on CPU trains at a small batch to fit a few minutes.
 CONFIG = {
@@ -32,8 +40,13 @@ QUICK_CPU_COMPILE_NOTE = ("skipped: --quick on CPU (compiling each network takes
                           "run --full)")
 
 
+OVERRIDES = {}  # the CLI's --batches / --train-batch
+
+
 def config(device, quick):
-    return dict(CONFIG[(torch.device(device).type if torch.device(device).type == "cuda" else "cpu", bool(quick))])
+    cfg = dict(CONFIG[(torch.device(device).type if torch.device(device).type == "cuda" else "cpu", bool(quick))])
+    cfg.update(OVERRIDES)
+    return cfg
 
 
 def build_model(name, device):
@@ -75,8 +88,15 @@ def _official_forward_core(scan):
 class _Provider:
     """How one provider runs a model: the backend and, for the official formulations, SS2D's scan core."""
 
-    def __init__(self, name, backend, scan=None, compiled=False):
+    def __init__(self, name, backend, scan=None, compiled=False, precision=FLOAT32):
         self.name, self.backend, self.scan, self.compiled = name, backend, scan, compiled
+        self.precision = precision
+
+    def autocast(self, device):
+        """The autocast context of this provider's forward (bfloat16 for bf16-autocast, else none)."""
+        if self.precision == AUTOCAST:
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def __enter__(self):
         from .nn.ss2d import SS2D
@@ -102,6 +122,10 @@ def providers_for(name, device):
     device = torch.device(device)
     out = [("medkernels", _Provider("medkernels", "auto")), ("ref", _Provider("ref", "ref")),
            ("ref-compiled", _Provider("ref-compiled", "ref", compiled=True))]
+    for base, backend in (("medkernels", "auto"), ("ref", "ref")):
+        for precision in (AUTOCAST, HALF_WEIGHTS):
+            label = f"{base} {precision}"
+            out.append((label, _Provider(label, backend, precision=precision)))
     if name.startswith("medmamba"):
         if device.type == "cpu":
             out.append(("mambapy", _Provider("mambapy", "ref", scan=mambapy_scan) if _importable("mambapy.pscan")
@@ -113,10 +137,12 @@ def providers_for(name, device):
     return out
 
 
-def _train_step(model, optimizer, x, y):
+def _train_step(model, optimizer, x, y, autocast):
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    F.cross_entropy(logits, y).backward()
+    with autocast:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     optimizer.step()
     return logits, grads
@@ -135,18 +161,20 @@ def _make_call(model, provider, pass_name, batch, size, device):
     """The measured call of one provider on its own copy of the model (training steps change the weights)."""
     model = copy.deepcopy(model)
     model.train(pass_name == TRAIN)
-    run = torch.compile(model, dynamic=False) if provider.compiled else model
     x, y = batch_inputs(batch, size, device)
+    if provider.precision == HALF_WEIGHTS:
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    run = torch.compile(model, dynamic=False) if provider.compiled else model
     if pass_name == INFERENCE:
         def call():
-            with provider, torch.no_grad():
+            with provider, torch.no_grad(), provider.autocast(device):
                 return run(x), []
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def call():
             with provider:
-                return _train_step(run, optimizer, x, y)
+                return _train_step(run, optimizer, x, y, provider.autocast(device))
     return call
 
 
@@ -192,6 +220,8 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
                 reason = QUICK_CPU_COMPILE_NOTE
             if reason is None and pname == "mambapy" and pass_name == INFERENCE and not cfg.get("mambapy_inference", True):
                 reason = "skipped: --quick on CPU (mambapy is the training baseline here; --full times it too)"
+            if (reason is None and provider.precision != FLOAT32 and not cfg.get("precisions", True)):
+                reason = "skipped: mixed-precision rows are off in this configuration"
             if reason is None and provider.backend == "ref" and provider.scan is None and pass_name == TRAIN:
                 reason = _medmamba_ref_backward_reason(name, device, batch, cfg["size"])
             if reason:
@@ -222,14 +252,21 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
 
 
 def _compare(group, outputs):
-    """Speed-up over ``ref`` (else ``mambapy``/``official``) and the error of logits and gradients against it."""
+    """Speed-up over ``ref`` (else ``mambapy``/``official``) and the error of logits and gradients against it,
+    and every row's relative error of logits against the float32 logits."""
     ran = [r for r in group if r["status"] == "ok"]
     base = next((r for b in ("ref", "mambapy", "official") for r in ran if r["provider"] == b), None)
+    # the float32 logits: ref's, or where the ref row cannot run (MedMamba's training step) the first float32
+    # provider that ran
+    float32 = next((outputs[b][0] for b in ("ref", "mambapy", "official", "medkernels") if b in outputs), None)
     for r in ran:
         r["baseline"] = base["provider"] if base else None
         r["speedup"] = base["median_s"] / r["median_s"] if base else None
+        logits, grads = outputs[r["provider"]]
+        if float32 is not None:
+            r["rel_err_vs_float32"] = float((logits.detach().double() - float32.detach().double()).norm()
+                                            / float32.detach().double().norm())
         if base:
-            logits, grads = outputs[r["provider"]]
             ref_logits, ref_grads = outputs[base["provider"]]
             r["max_abs_err_vs_" + base["provider"]] = max_abs_diff([logits] + grads, [ref_logits] + ref_grads)
 

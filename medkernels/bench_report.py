@@ -148,20 +148,25 @@ def _cells(row, model):
     if model:
         cells.append(f"{row['images_per_s']:.2f}" if ok and row.get("images_per_s") else "-")
     cells += [speed, f"{row['peak_mem_mb']:.0f}" if row.get("peak_mem_mb") is not None else "-",
-              f"{err:.1e}" if err is not None else "-", note]
+              f"{err:.1e}" if err is not None else "-"]
+    if model:
+        rel = row.get("rel_err_vs_float32")
+        cells.append(f"{rel:.1e}" if ok and rel is not None else "-")
+    cells.append(note)
     return cells
 
 
 def format_table(rows, model=False, markdown=False):
     """One line per row, aligned (or a Markdown table), skipped and failed rows with their reason."""
     head = ["model" if model else "op", "pass", "shape", "provider", "median ms", "spread ms"]
-    head += (["img/s"] if model else []) + ["speed-up", "peak MB", "max|err|", "note"]
+    head += (["img/s"] if model else []) + ["speed-up", "peak MB", "max|err|"]
+    head += (["rel err vs fp32"] if model else []) + ["note"]
     body = [_cells(r, model) for r in rows]
     if markdown:
         md = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
         return "\n".join([md(head), "|" + "---|" * len(head)] + [md(c) for c in body])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    numeric = {"median ms", "spread ms", "img/s", "peak MB", "max|err|", "speed-up"}
+    numeric = {"median ms", "spread ms", "img/s", "peak MB", "max|err|", "speed-up", "rel err vs fp32"}
 
     def line(cells):
         out = [str(c).rjust(w) if h in numeric else str(c).ljust(w) for c, w, h in zip(cells, widths, head)]
