@@ -38,6 +38,7 @@ venv:
 		$(PIP) install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(PIP) install --quiet -r requirements-dev.txt
+	$(PIP) install --quiet -r requirements-train.txt
 
 build: venv $(BUILD_STAMP)
 
