@@ -21,7 +21,7 @@ MAX_JOBS ?= 2
 BENCH_ARGS ?=
 # The editable build recompiles everything, so it is redone only when a build input changed.
 BUILD_STAMP := $(VENV)/.medkernels-build-stamp
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 
 .PHONY: all venv build bench-build test bench bench-full bench-readme bench-pytest clean
 
@@ -85,19 +85,21 @@ test: build
 	$(PY) -m pytest tests -q
 
 # The quick suite (a few minutes on a 2-core CPU): prints the tables, writes
-# benchmarks/results/<device>.json and the .png beside it.  BENCH_ARGS passes options through.
+# benchmarks/results/<device>.json and the .md table and .png plot beside it.  BENCH_ARGS passes options through.
 bench: bench-build
 	$(PIP) install --quiet -r requirements-bench.txt
-	$(PY) -m medkernels.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # Every stage shape, larger batches and torch.compile: meant for a GPU machine (hours on a small CPU).
 bench-full: bench-build
 	$(PIP) install --quiet -r requirements-bench.txt
-	$(PY) -m medkernels.bench --full $(BENCH_ARGS)
+	$(PY) -m benchmarks --full $(BENCH_ARGS)
 
-# Rewrite the README's benchmark tables from the recorded JSONs (no timing).
+# Rewrite the README's benchmark summaries, and each recorded JSON's .md table and .png plot, from the recorded
+# JSONs (no timing).
 bench-readme: venv
-	$(PY) -m medkernels.bench --readme-from $(wildcard benchmarks/results/*.json) --update-readme README.md
+	$(PY) -m benchmarks --plot-from $(wildcard benchmarks/results/*.json) \
+		--readme-from $(wildcard benchmarks/results/*.json) --update-readme README.md
 
 # The op micro-benchmarks as a pytest-benchmark suite (kept out of `make test`).
 bench-pytest: bench-build

@@ -154,6 +154,11 @@ def _c_string_macro(name, value):
     return f"-D{name}={json.dumps(value)}"
 
 
+def _csrc_sources(pattern):
+    """The files under csrc/ (recursively) matching `pattern`, as sorted paths relative to the project root."""
+    return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob(pattern) if p.is_file())
+
+
 def _extensions():
     if _env_switch("MEDKERNELS_SKIP_EXT"):
         return [], {}
@@ -171,15 +176,16 @@ def _extensions():
         sys.exit(f"error: MEDKERNELS_CPU_OPT must be one of -O0 -O1 -O2 -O3, got {cpu_opt!r}")
     cxx_flags = [cpu_opt] + (["-fopenmp"] if openmp else [])
     nvcc_flags = ["-O3", "-lineinfo"]
-    # every C++ file in csrc/ (bindings, CPU kernels); the .cu files join them for a CUDA build
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    # every C++ file under csrc/ (bindings, CPU kernels, one folder per op family); the .cu files join them
+    # for a CUDA build. Includes are written relative to csrc/ ("common/check_message.h"), the include dir.
+    sources = _csrc_sources("*.cpp")
     define_macros = []
     arch_list = ""
     if with_cuda:
         arch_list = _cuda_arch_list(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         cpp_extension.CUDA_HOME = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+        sources += _csrc_sources("*.cu")
         define_macros.append(("MEDKERNELS_WITH_CUDA", None))
 
     # Facts reported by medkernels._C.build_info(); only in the C++ flags, since

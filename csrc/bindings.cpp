@@ -4,7 +4,7 @@
 
 #include <torch/extension.h>
 
-#include "cpu_isa.h"
+#include "common/cpu_isa.h"
 #include "ops.h"
 
 // Compile-time facts passed by setup.py; defaults keep a hand-made build working.
@@ -86,7 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Cap the SIMD level of the CPU kernels for the calls that follow: 'avx512', 'avx2' or 'baseline' "
         "(initially $MEDKERNELS_CPU_ISA, else no cap); each kernel uses the best level the CPU has within it.");
   m.def("cpu_isa_cap", &medkernels::cpu_isa_cap_name, "The SIMD cap of the CPU kernels (see set_cpu_isa_cap).");
-  // ---- depthwise convolution (issue 4) ----
+  // ---- depthwise convolution ----
   m.def("depthwise_conv2d_fwd_cpu", &medkernels::depthwise_conv2d_fwd_cpu, ReleaseGil(),
         "Depthwise conv2d + bias + activation on CPU (see csrc/ops.h): "
         "(x, weight, bias, stride, padding, activation, channels_last) -> out.");
@@ -135,7 +135,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cross_scan on CUDA: contiguous x (B, C, H, W) -> y (B, 4, C, H*W).");
   m.def("cross_merge_cuda", &medkernels::cross_merge_cuda, pybind11::arg("y"), ReleaseGil(),
         "cross_merge on CUDA: contiguous y (B, 4, C, H, W) -> x (B, C, H*W).");
-  // ---- depthwise convolution (issue 4) ----
+  // ---- depthwise convolution ----
   m.def("depthwise_conv2d_fwd_cuda", &medkernels::depthwise_conv2d_fwd_cuda, ReleaseGil(),
         "Depthwise conv2d + bias + activation on CUDA: -> out.");
   m.def("depthwise_conv2d_bwd_cuda", &medkernels::depthwise_conv2d_bwd_cuda, ReleaseGil(),

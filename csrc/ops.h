@@ -52,7 +52,7 @@ std::vector<at::Tensor> selective_scan_bwd_cpu(const at::Tensor& dout,
 std::vector<at::Tensor> ss2d_scan_fwd_cpu(MEDKERNELS_SS2D_SCAN_FWD_ARGS);
 std::vector<at::Tensor> ss2d_scan_bwd_cpu(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS);
 
-// ---- depthwise convolution (issue 4) ----
+// ---- depthwise convolution ----
 // Depthwise conv2d with the bias and activation fused: out = act(conv2d(x, weight, bias, stride, padding,
 // groups=C)). x (B, C, H, W) of dtype T (float16/bfloat16/float32/float64), any strides; weight
 // (C, 1, k, k) T contiguous, k <= 31; bias (C,) T contiguous or undefined; activation "none", "silu",
@@ -139,7 +139,7 @@ at::Tensor cross_scan_cuda(const at::Tensor& x);
 at::Tensor cross_merge_cuda(const at::Tensor& y);
 // CUDA runtime version the .cu files were compiled against, e.g. "13.0".
 std::string cuda_runtime_version_at_build();
-// ---- depthwise convolution (issue 4) ----
+// ---- depthwise convolution ----
 at::Tensor depthwise_conv2d_fwd_cuda(MEDKERNELS_DEPTHWISE_CONV_ARGS, bool channels_last);
 std::vector<at::Tensor> depthwise_conv2d_bwd_cuda(const at::Tensor& grad, MEDKERNELS_DEPTHWISE_CONV_ARGS);
 at::Tensor depthwise_conv2d_layernorm_fwd_cuda(MEDKERNELS_DEPTHWISE_LN_ARGS);

@@ -111,6 +111,23 @@ def test_scan_low_precision(dtype, tol):
     _check_scan(_scan_inputs(2, 8, 150, 16, 2, dtype, seed=2), True, dtype, tol)
 
 
+ISA_DTYPES = [pytest.param(torch.float64, 1e-10, id="float64"), pytest.param(torch.float32, 1e-4, id="float32"),
+              pytest.param(torch.bfloat16, 3e-2, id="bfloat16")]
+
+
+@pytest.mark.parametrize("dtype,tol", ISA_DTYPES)
+def test_scan_isa_variants_match_float64_reference(capped_cpu_isa, dtype, tol):
+    # the AVX2 and baseline builds of the scan tasks (this CPU may run AVX-512 by default): N = 16 (float32's
+    # in-register blocks) and the generic N, several chunks, forward and backward
+    for n in (16, 5):
+        _check_scan(_scan_inputs(2, 6, 150, n, 3, dtype, seed=11), True, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", ISA_DTYPES)
+def test_ss2d_isa_variants_match_float64_reference(capped_cpu_isa, dtype, tol):
+    _check_ss2d(_ss2d_inputs(2, 5, 7, 9, 16, dtype, seed=12), True, dtype, tol)
+
+
 @pytest.mark.parametrize("L", [15, 16, 17, 97, 200], ids=lambda L: f"L{L}")
 def test_scan_float32_state16_blocks(L):
     # float32 with N = 16 runs whole blocks of 16 positions through the in-register decay path and the

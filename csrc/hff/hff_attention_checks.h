@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "check_message.h"
-#include "checks.h"
+#include "common/check_message.h"
+#include "common/checks.h"
 
 namespace medkernels {
 

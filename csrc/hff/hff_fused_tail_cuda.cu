@@ -17,10 +17,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
-#include "check_message.h"
-#include "hff_attention_checks.h"
-#include "hff_attention_math.h"
-#include "hff_cuda_utils.cuh"
+#include "common/check_message.h"
+#include "hff/hff_attention_checks.h"
+#include "hff/hff_attention_math.h"
+#include "hff/hff_cuda_utils.cuh"
 #include "ops.h"
 
 namespace medkernels {

@@ -18,7 +18,7 @@
 
 #include <cmath>
 
-#include "cross_scan.h"  // MK_HOST_DEVICE
+#include "cross_scan/cross_scan.h"  // MK_HOST_DEVICE
 
 namespace medkernels {
 

@@ -4,40 +4,28 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_isa.h"
-
-#if defined(__GNUC__)
-#define MK_HFF_INLINE inline __attribute__((always_inline))
-#else
-#define MK_HFF_INLINE inline
-#endif
+#include "common/cpu_simd.h"
 
 // The per-task bodies of the compute-heavy kernels are compiled twice, for AVX2 + FMA and for the baseline
 // ISA of the build, and the AVX2 version runs when the CPU has it. Both sum in the same order; the AVX2 one
-// may contract a * b + c into an FMA, so the two can differ in the last bit (each is deterministic).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEDKERNELS_HFF_FORCE_GENERIC)
-#define MK_HFF_X86_DISPATCH 1
-#define MK_HFF_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define MK_HFF_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512")))
-#endif
+// may contract a * b + c into an FMA, so the two can differ in the last bit (each is deterministic). The
+// guard (MK_CPU_X86_DISPATCH) and the target attributes come from common/cpu_simd.h.
 
 namespace medkernels {
 namespace hff_cpu {
 
-// AVX-512F (used by the channel MLP's double loops only), when the CPU has it and cpu_isa.h's cap allows it.
+// AVX-512 (used by the channel MLP's double loops only) and AVX2, as cpu_isa.h allows them.
 inline bool use_avx512() {
-#ifdef MK_HFF_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return has && cpu_isa_cap() >= CpuIsa::kAvx512;
+#ifdef MK_CPU_X86_DISPATCH
+  return cpu_use_avx512();
 #else
   return false;
 #endif
 }
 
 inline bool use_avx2() {
-#ifdef MK_HFF_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has && cpu_isa_cap() >= CpuIsa::kAvx2;
+#ifdef MK_CPU_X86_DISPATCH
+  return cpu_use_avx2();
 #else
   return false;
 #endif
@@ -50,7 +38,7 @@ constexpr int64_t kLanes = 8;
 
 // sum over i < n of term(i), in kLanes interleaved partial sums combined in lane order.
 template <typename acc_t, typename Term>
-MK_HFF_INLINE acc_t lane_sum(int64_t n, Term&& term) {
+MK_CPU_INLINE acc_t lane_sum(int64_t n, Term&& term) {
   acc_t part[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) part[j] = acc_t(0);
   int64_t i = 0;
@@ -66,7 +54,7 @@ MK_HFF_INLINE acc_t lane_sum(int64_t n, Term&& term) {
 // Prefetches the n elements at p (for writing when kWrite): the row segments the kernels walk are short and
 // one per page, which the hardware prefetchers do not follow.
 template <int kWrite, typename T>
-MK_HFF_INLINE void prefetch_span(const T* p, int64_t n) {
+MK_CPU_INLINE void prefetch_span(const T* p, int64_t n) {
   constexpr int64_t step = std::max<int64_t>(1, int64_t(64) / int64_t(sizeof(T)));
   for (int64_t i = 0; i < n; i += step) __builtin_prefetch(p + i, kWrite);
   if (n > 0) __builtin_prefetch(p + n - 1, kWrite);

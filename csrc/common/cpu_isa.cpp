@@ -1,9 +1,9 @@
-#include "cpu_isa.h"
+#include "common/cpu_isa.h"
 
 #include <atomic>
 #include <cstdlib>
 
-#include "check_message.h"
+#include "common/check_message.h"
 
 namespace medkernels {
 namespace {
@@ -48,5 +48,21 @@ void set_cpu_isa_cap(const std::string& name) {
 std::string cpu_isa_cap_name() {
   return kNames[static_cast<int>(cpu_isa_cap())];
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+bool cpu_use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return has && cpu_isa_cap() >= CpuIsa::kAvx512;
+}
+
+bool cpu_use_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has && cpu_isa_cap() >= CpuIsa::kAvx2;
+}
+#else
+bool cpu_use_avx512() { return false; }
+bool cpu_use_avx2() { return false; }
+#endif
 
 }  // namespace medkernels

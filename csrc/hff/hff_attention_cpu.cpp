@@ -23,10 +23,10 @@
 #include <limits>
 #include <vector>
 
-#include "hff_attention_checks.h"
-#include "hff_attention_math.h"
-#include "hff_channel_mlp.h"
-#include "hff_cpu_utils.h"
+#include "hff/hff_attention_checks.h"
+#include "hff/hff_attention_math.h"
+#include "hff/hff_channel_mlp.h"
+#include "hff/hff_cpu_utils.h"
 #include "ops.h"
 
 namespace medkernels {

@@ -9,7 +9,11 @@
 // the operands stream through the caches a few times rather than once per output row. The ISA variants sum
 // in the same order; FMA contraction may differ in the last bit between them.
 
-#include "hff_channel_mlp.h"
+// glibc's libmvec has vector variants of exp (common/cpu_simd.h, opted in here): the gate's sigmoid loop calls
+// them instead of one scalar exp per channel.
+#define MK_CPU_LIBMVEC 1
+
+#include "hff/hff_channel_mlp.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,16 +21,13 @@
 #include <algorithm>
 #include <vector>
 
-#include "hff_attention_math.h"
-#include "hff_cpu_utils.h"
+#include "hff/hff_attention_math.h"
+#include "hff/hff_cpu_utils.h"
+#include "common/cpu_simd.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-
-// glibc's libmvec has vector variants of exp (see selective_scan_cpu.cpp): declared here, the gate's sigmoid
-// loop calls them instead of one scalar exp per channel.
-extern "C" double exp(double) noexcept __attribute__((simd("notinbranch"), const));
 
 namespace medkernels {
 namespace {
@@ -39,14 +40,14 @@ struct DVec {
 };
 
 template <typename V>
-MK_HFF_INLINE V vload(const double* p) {
+MK_CPU_INLINE V vload(const double* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <typename V>
-MK_HFF_INLINE void vstore(double* p, V v) {
+MK_CPU_INLINE void vstore(double* p, V v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -64,7 +65,7 @@ struct Mat {
 // out[i, n] = sum_{k < K} a[i, k] * m[k, n] for R rows i from a and out's first rows and the columns
 // [n0, n0 + kBlock), in vectors V.
 template <typename V, int R>
-MK_HFF_INLINE void gemm_block(Mat a, Mat m, int64_t K, int64_t n0, double* out, int64_t ldo) {
+MK_CPU_INLINE void gemm_block(Mat a, Mat m, int64_t K, int64_t n0, double* out, int64_t ldo) {
   constexpr int NV = kBlock * sizeof(double) / sizeof(V);
   constexpr int L = sizeof(V) / sizeof(double);
   V acc[R][NV];
@@ -85,7 +86,7 @@ MK_HFF_INLINE void gemm_block(Mat a, Mat m, int64_t K, int64_t n0, double* out, 
 // out (rows, N) = a (rows, K) @ m (K, N), N a multiple of kBlock; out's row pitch ldo. R rows at a time: as
 // many as the ISA's registers hold accumulators for.
 template <typename V, int R>
-MK_HFF_INLINE void gemm(Mat a, int64_t rows, Mat m, int64_t K, int64_t N, double* out, int64_t ldo) {
+MK_CPU_INLINE void gemm(Mat a, int64_t rows, Mat m, int64_t K, int64_t N, double* out, int64_t ldo) {
   for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
     int64_t i = 0;
     for (; i + R <= rows; i += R) gemm_block<V, R>({a.data + i * a.ld, a.ld}, m, K, n0, out + i * ldo, ldo);
@@ -161,7 +162,7 @@ struct MlpValues {
 };
 
 template <typename Isa>
-MK_HFF_INLINE void mlp_forward_body(const MlpOperands& o, MlpValues& v) {
+MK_CPU_INLINE void mlp_forward_body(const MlpOperands& o, MlpValues& v) {
   using V = typename Isa::V;
   constexpr int R = Isa::R;
   gemm<V, R>({o.P.data(), o.Cp}, 2 * o.B, {o.W1T.data(), o.Hp}, o.C, o.Hp, v.pre.data(), o.Hp);
@@ -182,15 +183,15 @@ MlpValues mlp_values(const MlpOperands& o) {
 }
 
 void mlp_forward_generic(const MlpOperands& o, MlpValues& v) { mlp_forward_body<IsaGeneric>(o, v); }
-#ifdef MK_HFF_X86_DISPATCH
-MK_HFF_TARGET_AVX2 void mlp_forward_avx2(const MlpOperands& o, MlpValues& v) { mlp_forward_body<IsaAvx2>(o, v); }
-MK_HFF_TARGET_AVX512 void mlp_forward_avx512(const MlpOperands& o, MlpValues& v) {
+#ifdef MK_CPU_X86_DISPATCH
+MK_CPU_TARGET_AVX2 void mlp_forward_avx2(const MlpOperands& o, MlpValues& v) { mlp_forward_body<IsaAvx2>(o, v); }
+MK_CPU_TARGET_AVX512 void mlp_forward_avx512(const MlpOperands& o, MlpValues& v) {
   mlp_forward_body<IsaAvx512>(o, v);
 }
 #endif
 
 void mlp_forward(const MlpOperands& o, MlpValues& v) {
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
   if (hff_cpu::use_avx512()) {
     mlp_forward_avx512(o, v);
   } else if (hff_cpu::use_avx2()) {
@@ -229,7 +230,7 @@ struct MlpGrads {
 };
 
 template <typename Isa>
-MK_HFF_INLINE void mlp_backward_body(const MlpOperands& o, const MlpValues& v, const double* dgate, MlpGrads& d) {
+MK_CPU_INLINE void mlp_backward_body(const MlpOperands& o, const MlpValues& v, const double* dgate, MlpGrads& d) {
   using V = typename Isa::V;
   constexpr int R = Isa::R;
   const int64_t B = o.B, C = o.C, Cp = o.Cp, Hp = o.Hp, nv = 2 * B;
@@ -259,11 +260,11 @@ MK_HFF_INLINE void mlp_backward_body(const MlpOperands& o, const MlpValues& v, c
 void mlp_backward_generic(const MlpOperands& o, const MlpValues& v, const double* dg, MlpGrads& d) {
   mlp_backward_body<IsaGeneric>(o, v, dg, d);
 }
-#ifdef MK_HFF_X86_DISPATCH
-MK_HFF_TARGET_AVX2 void mlp_backward_avx2(const MlpOperands& o, const MlpValues& v, const double* dg, MlpGrads& d) {
+#ifdef MK_CPU_X86_DISPATCH
+MK_CPU_TARGET_AVX2 void mlp_backward_avx2(const MlpOperands& o, const MlpValues& v, const double* dg, MlpGrads& d) {
   mlp_backward_body<IsaAvx2>(o, v, dg, d);
 }
-MK_HFF_TARGET_AVX512 void mlp_backward_avx512(const MlpOperands& o, const MlpValues& v, const double* dg,
+MK_CPU_TARGET_AVX512 void mlp_backward_avx512(const MlpOperands& o, const MlpValues& v, const double* dg,
                                               MlpGrads& d) {
   mlp_backward_body<IsaAvx512>(o, v, dg, d);
 }
@@ -283,7 +284,7 @@ std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& dgate, const at::Tens
   MlpGrads d{std::vector<double>(B * o.Cp, 0.0), std::vector<double>(o.C * B), std::vector<double>(B * o.Hp),
              std::vector<double>(V * o.Hp), std::vector<double>(o.Hp * V), std::vector<double>(V * o.Cp),
              std::vector<double>(o.Hd * o.Cp), std::vector<double>(o.C * o.Hp)};
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
   if (hff_cpu::use_avx512()) {
     mlp_backward_avx512(o, v, dg.data(), d);
   } else if (hff_cpu::use_avx2()) {

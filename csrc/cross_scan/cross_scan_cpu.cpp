@@ -10,9 +10,9 @@
 #include <omp.h>
 #endif
 
-#include "check_message.h"
-#include "checks.h"
-#include "cross_scan.h"
+#include "common/check_message.h"
+#include "common/checks.h"
+#include "cross_scan/cross_scan.h"
 #include "ops.h"
 
 namespace medkernels {

@@ -1,5 +1,5 @@
 // Shared machinery of the CPU depthwise-convolution kernels (depthwise_conv_cpu.cpp: conv + bias +
-// activation; depthwise_layernorm_cpu.cpp: conv + bias + LayerNorm over channels; the vector row kernels
+// activation; depthwise_conv2d_layernorm_cpu.cpp: conv + bias + LayerNorm over channels; the vector row kernels
 // in depthwise_conv_cpu_kernels.cpp). Internal to those files.
 //
 // Everything is computed in acc_t (float, or double for float64 inputs) on rows copied into small
@@ -34,7 +34,7 @@
 #include <cstring>
 #include <vector>
 
-#include "depthwise_conv_args.h"
+#include "depthwise_conv/depthwise_conv_args.h"
 
 namespace medkernels {
 namespace dwcpu {

@@ -8,268 +8,27 @@
 // memory), with an inline exp and reciprocal instead of library calls and divisions; GELU (erf) and float64
 // use the formulas of depthwise_conv_math.h in `omp simd` loops calling libmvec's vector exp / erf. The
 // LayerNorm loops are `omp simd` loops over the same header's formulas.
+//
+// Files: depthwise_conv_cpu_vec.h (vector primitives, inline activations), this file (the convolution and
+// parameter-gradient rows, the ISA variants, row_kernels), depthwise_conv_cpu_pointwise.h (activation,
+// LayerNorm, copy and transpose loops).
+
+#define MK_CPU_LIBMVEC 1  // vector expf / exp / erf (common/cpu_simd.h)
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 
-#include "cpu_isa.h"
-#include "depthwise_conv_cpu.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
-    !defined(MEDKERNELS_DW_NO_LIBMVEC)
-// The vector variants exist in libmvec (see selective_scan_cpu.cpp); `const` as under -fno-math-errno.
-extern "C" float expf(float) noexcept __attribute__((simd("notinbranch"), const));
-extern "C" double exp(double) noexcept __attribute__((simd("notinbranch"), const));
-#if __GLIBC_PREREQ(2, 35)
-extern "C" float erff(float) noexcept __attribute__((simd("notinbranch"), const));
-extern "C" double erf(double) noexcept __attribute__((simd("notinbranch"), const));
-#endif
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEDKERNELS_DW_FORCE_GENERIC)
-#define MK_DW_X86_DISPATCH 1
-#endif
-
-#if defined(__GNUC__)
-#define MK_DW_INLINE inline __attribute__((always_inline))
-#else
-#define MK_DW_INLINE inline
-#endif
+#include "common/cpu_isa.h"
+#include "depthwise_conv/depthwise_conv_cpu.h"
+#include "common/cpu_simd.h"
+#include "depthwise_conv/depthwise_conv_cpu_vec.h"
+#include "depthwise_conv/depthwise_conv_cpu_pointwise.h"
 
 namespace medkernels {
 namespace dwcpu {
 namespace {
-
-// A vector of VB bytes of acc_t; VB == sizeof(acc_t) is the plain scalar (the remainder loops).
-template <typename acc_t, int VB, bool kScalar = (VB == sizeof(acc_t))>
-struct VecOf {
-  typedef acc_t type __attribute__((vector_size(VB)));
-};
-template <typename acc_t, int VB>
-struct VecOf<acc_t, VB, true> {
-  typedef acc_t type;
-};
-
-template <typename V, typename S>
-MK_DW_INLINE void vload(V& v, const S* p) {
-  std::memcpy(&v, p, sizeof(V));
-}
-template <typename V, typename S>
-MK_DW_INLINE void vstore(S* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-template <typename V, typename S>
-MK_DW_INLINE void vbroadcast(V& v, S s) {
-  if constexpr (std::is_same_v<V, S>) {
-    v = s;
-  } else {
-    for (int e = 0; e < static_cast<int>(sizeof(V) / sizeof(S)); ++e) v[e] = s;  // one broadcast instruction
-  }
-}
-template <typename S, typename V>
-MK_DW_INLINE S vsum(const V& v) {
-  constexpr int n = sizeof(V) / sizeof(S);
-  S lanes[n];
-  std::memcpy(lanes, &v, sizeof(V));
-  S out = 0;
-  for (int e = 0; e < n; ++e) out += lanes[e];
-  return out;
-}
-
-// ---- float exp and reciprocal without library calls or divisions, on a float or a vector of floats in place,
-// so that the activation loops become straight-line vector code.
-
-template <typename V>
-struct IntLanes {
-  typedef typename VecOf<int32_t, sizeof(V)>::type type;
-};
-template <>
-struct IntLanes<float> {
-  typedef int32_t type;
-};
-
-template <typename V>
-MK_DW_INLINE void vclamp(V& x, float lo, float hi) {
-  V l, h;
-  vbroadcast(l, lo);
-  vbroadcast(h, hi);
-  x = x > l ? x : l;  // the operand order of max / min instructions (NaN gives the bound)
-  x = x < h ? x : h;
-}
-
-// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (about 1 ulp).
-// x is clamped to [-87.33, 88.37] (n in [-126, 127]): below, the result is the smallest normal float
-// instead of a denormal or zero, which the activations cannot tell apart.
-template <typename V>
-MK_DW_INLINE void fast_exp_inplace(V& x) {
-  vclamp(x, -87.3365447f, 88.3762626f);
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| < 2^22
-  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  V q = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  typename IntLanes<V>::type bits;
-  if constexpr (std::is_same_v<V, float>) {
-    bits = static_cast<int32_t>(n);
-  } else {
-    bits = __builtin_convertvector(n, typename IntLanes<V>::type);
-  }
-  bits = (bits + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof(V));
-  x = (q * r * r + r + 1.0f) * scale;
-}
-
-// 1 / v for v in [1, 2^125] (larger v are clamped: the sigmoid then gives 2^-125 instead of something
-// smaller, which the activations cannot tell apart): an initial guess from the exponent bits (within 13%),
-// then three Newton steps r <- r (2 - v r), each squaring the relative error (about 2 ulp in the end).
-template <typename V>
-MK_DW_INLINE void fast_recip_inplace(V& v) {
-  vclamp(v, 1.0f, 4.2535296e37f);
-  typename IntLanes<V>::type bits;
-  std::memcpy(&bits, &v, sizeof(V));
-  bits = 0x7EF311C3 - bits;
-  V r;
-  std::memcpy(&r, &bits, sizeof(V));
-  r = r * (2.0f - v * r);
-  r = r * (2.0f - v * r);
-  v = r * (2.0f - v * r);
-}
-
-// The CPU kernels' elementary functions for the shared formulas of depthwise_conv_math.h: the inline float
-// exp and reciprocal above, the C library (vectorised by libmvec) else.
-struct CpuMath {
-  template <typename acc_t>
-  static MK_DW_INLINE acc_t exp(acc_t v) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      fast_exp_inplace(v);
-      return v;
-    } else {
-      return dw_exp<acc_t>(v);
-    }
-  }
-  template <typename acc_t>
-  static MK_DW_INLINE acc_t erf(acc_t v) {
-    return dw_erf<acc_t>(v);
-  }
-  template <typename acc_t>
-  static MK_DW_INLINE acc_t recip(acc_t v) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      fast_recip_inplace(v);
-      return v;
-    } else {
-      return acc_t(1) / v;
-    }
-  }
-};
-
-// ---- the sigmoid on 16 floats with AVX-512 (the kernels' hot path for SiLU): about half the instructions of
-// the portable version above. Written with inline asm for the instructions GCC's vector extensions cannot
-// express (max, min, scalef, rcp14), which keeps the surrounding code ISA-generic: the asm only ever lands
-// in functions compiled for AVX-512 (IsaAvx512 below).
-//
-// e^-z for z clamped to [-88, 88]: n = round(-z / ln 2), s = z + n ln 2 (two-part ln 2, exact first product),
-// e^-s on |s| <= ln 2 / 2 by a degree-5 polynomial 1 - s + s^2 (c2 - c3 s + c4 s^2 - c5 s^3) (coefficients
-// fitted here for minimal relative error: 1.1e-7 in exact arithmetic, 1.8e-7 evaluated in float), times 2^n
-// by vscalefps. 1 / (1 + e^-z): vrcp14ps (relative error < 2^-14) and one Newton step (error ~2^-28 plus
-// rounding). NaN inputs: the clamp turns them into -88, and the caller's multiplication by z gives NaN.
-template <typename V>
-struct IsZmmFloat : std::false_type {};
-#ifdef MK_DW_X86_DISPATCH
-template <>
-struct IsZmmFloat<VecOf<float, 64>::type> : std::true_type {};
-#endif
-
-template <typename V>
-MK_DW_INLINE V zmm_sigmoid(const V& z) {
-  V lo, hi, zc, e, r;
-  vbroadcast(lo, -88.0f);
-  vbroadcast(hi, 88.0f);
-  asm("vmaxps %2, %1, %0" : "=v"(zc) : "v"(z), "v"(lo));  // max(z, lo); NaN gives lo
-  asm("vminps %2, %1, %0" : "=v"(zc) : "v"(zc), "v"(hi));
-  const V n = (zc * -1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounds to nearest, |n| <= 127
-  V s = zc + n * 0.693359375f;
-  s = s + n * -2.12194440e-4f;
-  V p = s * -8.312525228e-3f + 4.189011455e-2f;
-  p = p * s - 1.666711420e-1f;
-  p = p * s + 4.999923110e-1f;
-  p = p * s - 1.0f;
-  p = p * s + 1.0f;
-  asm("vscalefps %2, %1, %0" : "=v"(e) : "v"(p), "v"(n));  // p * 2^n
-  const V d = e + 1.0f;
-  asm("vrcp14ps %1, %0" : "=v"(r) : "v"(d));
-  const V t = 1.0f - d * r;
-  return r + r * t;
-}
-
-// 1 / (1 + e^-z) on a float or a vector of floats: zmm_sigmoid with AVX-512, else the inline exp and reciprocal.
-template <typename V>
-MK_DW_INLINE V vec_sigmoid(const V& z) {
-  if constexpr (IsZmmFloat<V>::value) {
-    return zmm_sigmoid(z);
-  } else {
-    V s = -z;
-    fast_exp_inplace(s);
-    s = s + 1.0f;
-    fast_recip_inplace(s);
-    return s;
-  }
-}
-
-// SiLU's derivative from z and its sigmoid s: s (1 + z (1 - s)), dw_activation_grad's form. The fused backward,
-// the saving forward and act_backward all use it, so that a saved derivative and a recomputed one agree to the
-// bit; it has no product that the saving forward shares with its output z s (a shared product would be rounded
-// there, while the backward alone contracts it into an FMA).
-template <typename V>
-MK_DW_INLINE V silu_derivative(const V& z, const V& s) {
-  return s * (1.0f + z * (1.0f - s));
-}
-
-// The activations that the float convolution kernels apply to each channel vector of outputs right after
-// computing it, while it is in L1 (no extra pass over memory): SiLU as dw_activation<kSilu> with CpuMath
-// states it, z * 1 / (1 + e^-z) (zmm_sigmoid with AVX-512); ReLU; none. GELU (erf) and float64 go through
-// act_forward afterwards.
-template <DwAct A>
-struct VecActivation {
-  template <typename V>
-  static MK_DW_INLINE void apply(V& z) {
-    if constexpr (A == DwAct::kSilu) {
-      z = z * vec_sigmoid(z);
-    } else if constexpr (A == DwAct::kRelu) {
-      V zero{};
-      z = z <= zero ? zero : z;  // NaN stays NaN, as torch.relu
-    }
-  }
-};
-using NoActivation = VecActivation<DwAct::kNone>;
-
-// The activations' backward on a channel vector, for the fused backward rows (float; SiLU, ReLU): z (the
-// pre-activation) is replaced by g * act'(z), act' as dw_activation_grad states it.
-template <DwAct A>
-struct VecActivationGrad {
-  template <typename V>
-  static MK_DW_INLINE void apply(V& z, const V& g) {
-    if constexpr (A == DwAct::kSilu) {
-      z = g * silu_derivative(z, vec_sigmoid(z));
-    } else if constexpr (A == DwAct::kRelu) {
-      V zero{};
-      z = z <= zero ? zero : g;  // NaN z passes g, as dw_activation_grad
-    } else {
-      z = g;
-    }
-  }
-};
-
-// Kernel rows whose weights are held in registers at once: all of them when they fit (16 vector registers
-// below AVX-512, 32 with it), else one.
-template <int VB, int K>
-constexpr int rows_per_pass() {
-  return K == 0 ? 1 : (VB >= 64 ? (K <= 5 ? K : 1) : (K <= 3 ? K : 1));
-}
 
 // ---- channels-last rows: vectors over channels, the channel-vector loop outside the pixel loop so that
 // the weights stay in registers while the row is walked.
@@ -277,7 +36,7 @@ constexpr int rows_per_pass() {
 // Stride 1, outputs [o, o + U) of one channel vector: each input pixel of a kernel row is loaded once and
 // used by every output it reaches (k of them), the U accumulators staying in registers.
 template <typename acc_t, typename V, int K, int R, int U>
-MK_DW_INLINE void conv_rows_block_s1(const V (*w)[K], const acc_t* const* src, int64_t ps, V* acc, int64_t o) {
+MK_CPU_INLINE void conv_rows_block_s1(const V (*w)[K], const acc_t* const* src, int64_t ps, V* acc, int64_t o) {
   for (int r = 0; r < R; ++r) {
     const acc_t* x = src[r] + o * ps;
     for (int m = 0; m < U + K - 1; ++m) {
@@ -305,7 +64,7 @@ inline Interior interior(const RowClip* clip, int64_t n) {
 
 // src[r]: kernel row i0 + r at channel c, advanced to the first tap of output o0.
 template <typename acc_t, int R>
-MK_DW_INLINE void interior_rows(const acc_t* const* rows, int64_t i0, int64_t c, const RowClip* clip, int64_t o0,
+MK_CPU_INLINE void interior_rows(const acc_t* const* rows, int64_t i0, int64_t c, const RowClip* clip, int64_t o0,
                                 int64_t s, int64_t ps, const acc_t** src) {
   const int64_t shift = clip != nullptr ? (o0 * s - clip->p) * ps : 0;
   for (int r = 0; r < R; ++r) src[r] = rows[i0 + r] + c + shift;
@@ -314,7 +73,7 @@ MK_DW_INLINE void interior_rows(const acc_t* const* rows, int64_t i0, int64_t c,
 // f(o, col0, j0, j1) for each output outside [o0, o1): its tap j reads column col0 + j, inside the row for
 // j0 <= j < j1.
 template <typename F>
-MK_DW_INLINE void for_each_clipped(const RowClip& clip, Interior in, int64_t n, int64_t s, int64_t k, F&& f) {
+MK_CPU_INLINE void for_each_clipped(const RowClip& clip, Interior in, int64_t n, int64_t s, int64_t k, F&& f) {
   for (int64_t o = 0; o < n; ++o) {
     if (o == in.o0) o = in.o1;
     if (o >= n) break;
@@ -326,7 +85,7 @@ MK_DW_INLINE void for_each_clipped(const RowClip& clip, Interior in, int64_t n, 
 // One channel vector of one row of outputs. With a.clip, the rows are read in place from image column 0 and
 // outputs [0, clip->lo) and [clip->hi, n), whose taps reach past the row's ends, add only their taps inside it.
 template <typename acc_t, typename V, int K, int R, typename Epi>
-MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
+MK_CPU_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
   // outputs per register block at stride 1: weights (R k) + accumulators + 1 input fit 16 or 32 registers
   constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1 : (sizeof(V) >= 64 ? 6 : (R * K + 6 <= 16 ? 4 : 2));
@@ -417,7 +176,7 @@ MK_DW_INLINE void conv_rows_lanes(const ConvRowsArgs<acc_t>& a, int64_t c) {
 }
 
 template <typename acc_t, int VB, int K, typename Epi = NoActivation>
-MK_DW_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
+MK_CPU_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
   constexpr int64_t L = VB / sizeof(acc_t);
   constexpr int R = rows_per_pass<VB, K>();
   int64_t c = 0;
@@ -430,7 +189,7 @@ MK_DW_INLINE void conv_rows_impl(const ConvRowsArgs<acc_t>& a) {
 // of once per tap: the loads, not the FMAs, bounded the one-output loop). With a.clip, as conv_rows_lanes: the
 // rows are read in place and the outputs at the row's ends add only their taps inside it (after the others).
 template <typename acc_t, typename V, int K, int R>
-MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
+MK_CPU_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
   // outputs per block: R K accumulators + U gradients + 1 input within 32 (AVX-512) or 16 vector registers
   constexpr int U = std::is_same_v<V, acc_t> || K == 0 ? 1
@@ -522,7 +281,7 @@ MK_DW_INLINE void grads_rows_lanes(const GradsRowsArgs<acc_t>& a, int64_t c) {
 }
 
 template <typename acc_t, int VB, int K>
-MK_DW_INLINE void grads_rows_impl(const GradsRowsArgs<acc_t>& a) {
+MK_CPU_INLINE void grads_rows_impl(const GradsRowsArgs<acc_t>& a) {
   constexpr int64_t L = VB / sizeof(acc_t);
   constexpr int R = rows_per_pass<VB, K>();
   int64_t c = 0;
@@ -533,7 +292,7 @@ MK_DW_INLINE void grads_rows_impl(const GradsRowsArgs<acc_t>& a) {
 // The fused backward of one row (BwdRowsArgs), channel vector by channel vector: z, then g * act'(z) in place,
 // then the parameter gradients, while the vector's k input rows, gradients and outputs are in L1.
 template <typename acc_t, typename V, int K, int R, DwAct A>
-MK_DW_INLINE void bwd_rows_lanes(const BwdRowsArgs<acc_t>& a, int64_t c) {
+MK_CPU_INLINE void bwd_rows_lanes(const BwdRowsArgs<acc_t>& a, int64_t c) {
   conv_rows_lanes<acc_t, V, K, R, NoActivation>(a.conv, c);
   const int64_t C = a.conv.C, n = a.conv.n;
   acc_t* out = a.conv.out + c;
@@ -553,7 +312,7 @@ MK_DW_INLINE void bwd_rows_lanes(const BwdRowsArgs<acc_t>& a, int64_t c) {
 }
 
 template <typename acc_t, int VB, int K, DwAct A>
-MK_DW_INLINE void bwd_rows_impl(const BwdRowsArgs<acc_t>& a) {
+MK_CPU_INLINE void bwd_rows_impl(const BwdRowsArgs<acc_t>& a) {
   constexpr int64_t L = VB / sizeof(acc_t);
   constexpr int R = rows_per_pass<VB, K>();
   int64_t c = 0;
@@ -566,7 +325,7 @@ MK_DW_INLINE void bwd_rows_impl(const BwdRowsArgs<acc_t>& a) {
 // Outputs [o, o + U * lanes) of one plane row; the weights come broadcast, the tap offsets folded into the
 // per-tap source pointers (locals, so that the stores to out do not force reloads).
 template <typename acc_t, typename V, int U, typename Epi>
-MK_DW_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t ntaps, V init, acc_t* out,
+MK_CPU_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t ntaps, V init, acc_t* out,
                                    int64_t o) {
   constexpr int64_t L = sizeof(V) / sizeof(acc_t);
   V acc[U];
@@ -586,7 +345,7 @@ MK_DW_INLINE void conv_plane_block(const V* w, const acc_t* const* src, int64_t 
 }
 
 template <typename acc_t, typename V, int K, typename Epi>
-MK_DW_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* const* src, int64_t ntaps,
+MK_CPU_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* const* src, int64_t ntaps,
                                    int64_t o0, int64_t o1) {
   constexpr int64_t L = sizeof(V) / sizeof(acc_t);
   constexpr int U = sizeof(V) == sizeof(acc_t) ? 1 : 4;
@@ -609,7 +368,7 @@ MK_DW_INLINE void conv_plane_lanes(const ConvPlaneArgs<acc_t>& a, const acc_t* c
 }
 
 template <typename acc_t, int VB, int K, typename Epi = NoActivation>
-MK_DW_INLINE void conv_plane_impl(const ConvPlaneArgs<acc_t>& a) {
+MK_CPU_INLINE void conv_plane_impl(const ConvPlaneArgs<acc_t>& a) {
   const int64_t k = K > 0 ? K : a.k;
   const acc_t* src[kMaxKernel * kMaxKernel];
   for (int64_t i = 0; i < k; ++i)
@@ -618,7 +377,7 @@ MK_DW_INLINE void conv_plane_impl(const ConvPlaneArgs<acc_t>& a) {
 }
 
 template <typename acc_t, typename V, int K, int R>
-MK_DW_INLINE void grads_plane_rows(const GradsPlaneArgs<acc_t>& a, const int64_t* tap, int64_t i0, acc_t* gw,
+MK_CPU_INLINE void grads_plane_rows(const GradsPlaneArgs<acc_t>& a, const int64_t* tap, int64_t i0, acc_t* gw,
                                    acc_t& gb) {
   constexpr int KJ = K > 0 ? K : static_cast<int>(kMaxKernel);
   constexpr int64_t L = sizeof(V) / sizeof(acc_t);
@@ -657,7 +416,7 @@ MK_DW_INLINE void grads_plane_rows(const GradsPlaneArgs<acc_t>& a, const int64_t
 }
 
 template <typename acc_t, int VB, int K>
-MK_DW_INLINE void grads_plane_impl(const GradsPlaneArgs<acc_t>& a) {
+MK_CPU_INLINE void grads_plane_impl(const GradsPlaneArgs<acc_t>& a) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int R = rows_per_pass<VB, K>();
   const int64_t k = K > 0 ? K : a.k;
@@ -668,242 +427,6 @@ MK_DW_INLINE void grads_plane_impl(const GradsPlaneArgs<acc_t>& a) {
   a.gb[0] += gb;
 }
 
-// ---- activations and LayerNorm (omp simd loops over the formulas of depthwise_conv_math.h)
-
-template <DwAct A, typename acc_t>
-MK_DW_INLINE void act_forward_impl(const acc_t* z, acc_t* out, int64_t n) {
-#pragma omp simd
-  for (int64_t e = 0; e < n; ++e) out[e] = dw_activation<A, acc_t, CpuMath>(z[e]);
-}
-
-template <DwAct A, typename acc_t, int VB>
-MK_DW_INLINE void act_backward_impl(const acc_t* __restrict__ z, const acc_t* __restrict__ g,
-                                    acc_t* __restrict__ gz, int64_t n) {
-  if constexpr (A == DwAct::kNone) {
-    std::memcpy(gz, g, n * sizeof(acc_t));
-  } else if constexpr (A == DwAct::kSilu && IsZmmFloat<typename VecOf<acc_t, VB>::type>::value) {
-    using V = typename VecOf<acc_t, VB>::type;
-    int64_t e = 0;
-    for (; e + 16 <= n; e += 16) {
-      V zv, gv;
-      vload(zv, z + e);
-      vload(gv, g + e);
-      vstore(gz + e, gv * silu_derivative(zv, zmm_sigmoid(zv)));
-    }
-    for (; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
-  } else {
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) gz[e] = g[e] * dw_activation_grad<A, acc_t, CpuMath>(z[e]);
-  }
-}
-
-// Rows of npix pixels of C channels: out = act(z) and dact = act'(z) (out in place when out == z), the forward
-// that saves the derivative for the backward. Float SiLU goes channel vector by channel vector as the fused
-// convolution does (conv_rows_impl's split into whole vectors and a scalar remainder), computing the sigmoid once
-// for both outputs: out then equals conv_rows_act's to the bit, dact the fused backward's act'(z). The rest
-// (GELU, float64) uses the formulas of act_forward and act_backward.
-template <typename V, typename acc_t>
-MK_DW_INLINE void silu_save(const acc_t* z, acc_t* out, acc_t* dact) {
-  V zv;
-  vload(zv, z);
-  const V s = vec_sigmoid(zv);
-  vstore(dact, silu_derivative(zv, s));
-  vstore(out, zv * s);
-}
-
-template <DwAct A, typename acc_t, int VB>
-MK_DW_INLINE void act_forward_save_impl(const acc_t* z, acc_t* out, acc_t* __restrict__ dact, int64_t npix,
-                                        int64_t C) {
-  if constexpr (A == DwAct::kSilu && std::is_same_v<acc_t, float>) {
-    constexpr int64_t L = VB / sizeof(float);
-    for (int64_t q = 0; q < npix; ++q) {
-      const int64_t o = q * C;
-      int64_t c = 0;
-      for (; c + L <= C; c += L) silu_save<typename VecOf<float, VB>::type>(z + o + c, out + o + c, dact + o + c);
-      for (; c < C; ++c) silu_save<float>(z + o + c, out + o + c, dact + o + c);
-    }
-  } else {
-    // two loops, each act_backward's or act_forward's own (one loop would share and round their common terms)
-    const int64_t n = npix * C;
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) dact[e] = dw_activation_grad<A, acc_t, CpuMath>(z[e]);
-    act_forward_impl<A, acc_t>(z, out, n);
-  }
-}
-
-// out[e] = a[e] * b[e]
-template <typename acc_t>
-MK_DW_INLINE void mul_impl(const acc_t* __restrict__ a, const acc_t* __restrict__ b, acc_t* __restrict__ out,
-                           int64_t n) {
-#pragma omp simd
-  for (int64_t e = 0; e < n; ++e) out[e] = a[e] * b[e];
-}
-
-// mean and 1 / sqrt(var + eps) of one pixel's C values (two passes over L1-resident data).
-template <typename acc_t>
-MK_DW_INLINE void ln_moments(const acc_t* __restrict__ z, int64_t C, acc_t eps, acc_t& mean, acc_t& rstd) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < C; ++c) sum += z[c];
-  mean = sum / acc_t(C);
-  acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t c = 0; c < C; ++c) sq += (z[c] - mean) * (z[c] - mean);
-  rstd = dw_ln_rstd<acc_t>(sq / acc_t(C), eps);
-}
-
-template <typename acc_t>
-MK_DW_INLINE void ln_forward_impl(const LayerNormArgs<acc_t>& a, const acc_t* z, acc_t* out) {
-  const int64_t C = a.C;
-  const acc_t* __restrict__ gamma = a.gamma;
-  const acc_t* __restrict__ beta = a.beta;
-  for (int64_t w = 0; w < a.n; ++w) {
-    const acc_t* v = z + w * C;
-    acc_t* o = out + w * C;
-    acc_t mean, rstd;
-    ln_moments(v, C, a.eps, mean, rstd);
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
-  }
-}
-
-template <typename acc_t>
-MK_DW_INLINE void ln_backward_impl(const LayerNormArgs<acc_t>& a, const acc_t* z, const acc_t* gy, acc_t* gz,
-                                   acc_t* dgamma, acc_t* dbeta) {
-  const int64_t C = a.C;
-  const acc_t* __restrict__ gamma = a.gamma;
-  for (int64_t w = 0; w < a.n; ++w) {
-    const acc_t* __restrict__ v = z + w * C;
-    const acc_t* __restrict__ gyw = gy + w * C;
-    acc_t* __restrict__ out = gz + w * C;
-    acc_t mean, rstd;
-    ln_moments(v, C, a.eps, mean, rstd);
-    acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t g = gyw[c] * gamma[c];
-      sum_g += g;
-      sum_gx += g * (v[c] - mean) * rstd;
-    }
-    const acc_t mean_g = sum_g / acc_t(C), mean_gx = sum_gx / acc_t(C);
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      out[c] = dw_ln_input_grad<acc_t>(gyw[c] * gamma[c], (v[c] - mean) * rstd, rstd, mean_g, mean_gx);
-    }
-    if (dgamma != nullptr) {
-      acc_t* __restrict__ dg = dgamma;
-      acc_t* __restrict__ db = dbeta;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        dg[c] += gyw[c] * (v[c] - mean) * rstd;
-        db[c] += gyw[c];
-      }
-    }
-  }
-}
-
-// dst[r * ds + c] = src[r * ss + c], r < rows, c < cols: vector loads and stores (glibc's memcpy switches to
-// `rep movsb` above a few KB, which is several times slower on some x86 CPUs and VMs).
-template <typename acc_t, int VB>
-MK_DW_INLINE void copy2d_impl(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows, int64_t cols) {
-  using V = typename VecOf<acc_t, VB>::type;
-  constexpr int64_t L = VB / sizeof(acc_t);
-  for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* in = src + r * ss;
-    acc_t* out = dst + r * ds;
-    int64_t e = 0;
-    for (; e + 4 * L <= cols; e += 4 * L) {
-      V v0, v1, v2, v3;
-      vload(v0, in + e);
-      vload(v1, in + e + L);
-      vload(v2, in + e + 2 * L);
-      vload(v3, in + e + 3 * L);
-      vstore(out + e, v0);
-      vstore(out + e + L, v1);
-      vstore(out + e + 2 * L, v2);
-      vstore(out + e + 3 * L, v3);
-    }
-    for (; e + L <= cols; e += L) {
-      V v;
-      vload(v, in + e);
-      vstore(out + e, v);
-    }
-    for (; e < cols; ++e) out[e] = in[e];
-  }
-}
-
-// ---- in-register transposes of L x L blocks: log2(L) butterfly stages, stage h swapping the off-diagonal
-// h x h blocks of each pair of rows (i, i + h). The shuffle masks are compile-time constants.
-
-template <typename acc_t>
-struct LaneIndex;
-template <>
-struct LaneIndex<float> {
-  typedef int32_t type;
-};
-template <>
-struct LaneIndex<double> {
-  typedef int64_t type;
-};
-
-// The masks of stage h for a pair (a, b): lanes of the first row, then of the second (indices >= L pick b).
-template <typename M, int L, int h, bool kFirst, typename Seq>
-struct StageMask;
-template <typename M, int L, int h, bool kFirst, int... E>
-struct StageMask<M, L, h, kFirst, std::integer_sequence<int, E...>> {
-  static constexpr M value = M{(kFirst ? ((E & h) ? L + E - h : E) : ((E & h) ? L + E : E + h))...};
-};
-
-template <typename acc_t, typename V, int L, int h>
-MK_DW_INLINE void transpose_stages(V* r) {
-  if constexpr (h >= 1) {
-    using M = typename VecOf<typename LaneIndex<acc_t>::type, sizeof(V)>::type;
-    using Seq = std::make_integer_sequence<int, L>;
-    for (int i = 0; i < L; ++i) {
-      if (i & h) continue;
-      const V a = r[i], b = r[i + h];
-      r[i] = __builtin_shuffle(a, b, StageMask<M, L, h, true, Seq>::value);
-      r[i + h] = __builtin_shuffle(a, b, StageMask<M, L, h, false, Seq>::value);
-    }
-    transpose_stages<acc_t, V, L, h / 2>(r);
-  }
-}
-
-template <typename acc_t, typename V, int L>
-MK_DW_INLINE void transpose_block(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds) {
-  V blk[L];
-  for (int i = 0; i < L; ++i) vload(blk[i], src + i * ss);
-  transpose_stages<acc_t, V, L, L / 2>(blk);
-  for (int i = 0; i < L; ++i) vstore(dst + i * ds, blk[i]);
-}
-
-// dst[c * ds + r] = src[r * ss + c], r < rows, c < cols: L x L blocks in registers, the last block of a row
-// or column of blocks shifted back to overlap the previous one (it rewrites equal values); sizes below L go
-// to half-width blocks, down to 16-byte vectors, then element by element. The baseline ISA (SSE2, whose
-// two-source shuffles are slow) goes element by element.
-template <typename acc_t, int VB, bool kVex = (VB >= 32)>
-MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64_t ds, int64_t rows, int64_t cols) {
-  constexpr int L = VB / sizeof(acc_t);
-  if constexpr (kVex && L >= 2) {
-    if (rows >= L && cols >= L) {
-      using V = typename VecOf<acc_t, VB>::type;
-      for (int64_t r0 = 0; r0 < rows; r0 += L) {
-        const int64_t r = std::min<int64_t>(r0, rows - L);
-        for (int64_t c0 = 0; c0 < cols; c0 += L) {
-          const int64_t c = std::min<int64_t>(c0, cols - L);
-          transpose_block<acc_t, V, L>(src + r * ss + c, ss, dst + c * ds + r, ds);
-        }
-      }
-      return;
-    }
-    if constexpr (VB > 16) {
-      transpose_impl<acc_t, VB / 2, true>(src, ss, dst, ds, rows, cols);
-      return;
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ds + r] = src[r * ss + c];
-}
 
 // ---- the ISA variants: each wraps the inline kernels in functions compiled for one target.
 
@@ -974,9 +497,9 @@ MK_DW_INLINE void transpose_impl(const acc_t* src, int64_t ss, acc_t* dst, int64
   };
 
 MK_DW_DEFINE_ISA(IsaBaseline, , 16)
-#ifdef MK_DW_X86_DISPATCH
-MK_DW_DEFINE_ISA(IsaAvx2, __attribute__((target("avx2,fma"))), 32)
-MK_DW_DEFINE_ISA(IsaAvx512, __attribute__((target("avx512f,avx2,fma"))), 64)
+#ifdef MK_CPU_X86_DISPATCH
+MK_DW_DEFINE_ISA(IsaAvx2, MK_CPU_TARGET_AVX2, 32)
+MK_DW_DEFINE_ISA(IsaAvx512, MK_CPU_TARGET_AVX512F, 64)
 #endif
 
 template <typename Isa, typename acc_t, int K>
@@ -1056,12 +579,9 @@ RowKernels<acc_t> kernels_for(int64_t k, DwAct act) {
 
 template <typename acc_t>
 RowKernels<acc_t> row_kernels(int64_t k, DwAct act) {
-#ifdef MK_DW_X86_DISPATCH
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const CpuIsa cap = cpu_isa_cap();
-  if (avx512 && cap >= CpuIsa::kAvx512) return kernels_for<IsaAvx512, acc_t>(k, act);
-  if (avx2 && cap >= CpuIsa::kAvx2) return kernels_for<IsaAvx2, acc_t>(k, act);
+#ifdef MK_CPU_X86_DISPATCH
+  if (cpu_use_avx512()) return kernels_for<IsaAvx512, acc_t>(k, act);
+  if (cpu_use_avx2()) return kernels_for<IsaAvx2, acc_t>(k, act);
 #endif
   return kernels_for<IsaBaseline, acc_t>(k, act);
 }

@@ -7,7 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "check_message.h"
+#include "common/check_message.h"
 
 namespace medkernels {
 

@@ -20,9 +20,9 @@
 #include <cmath>
 #include <vector>
 
-#include "hff_attention_checks.h"
-#include "hff_attention_math.h"
-#include "hff_cpu_utils.h"
+#include "hff/hff_attention_checks.h"
+#include "hff/hff_attention_math.h"
+#include "hff/hff_cpu_utils.h"
 #include "ops.h"
 
 namespace medkernels {
@@ -74,7 +74,7 @@ struct TailChannel {
 };
 
 template <typename T, typename acc_t>
-MK_HFF_INLINE TailChannel<T, acc_t> tail_channel(const TailProblem<T, acc_t>& P, int64_t b, int64_t c, int64_t p0) {
+MK_CPU_INLINE TailChannel<T, acc_t> tail_channel(const TailProblem<T, acc_t>& P, int64_t b, int64_t c, int64_t p0) {
   if (c < P.C2) {
     const int64_t off = (b * P.C2 + c) * P.HW + p0;
     return {0, off, P.g + off, P.channel_gate[b * P.C2 + c]};
@@ -89,7 +89,7 @@ MK_HFF_INLINE TailChannel<T, acc_t> tail_channel(const TailProblem<T, acc_t>& P,
 
 // buf[i] = the gated value of the channel at pixel p0 + i.
 template <typename T, typename acc_t>
-MK_HFF_INLINE void load_gated(const TailChannel<T, acc_t>& ch, const acc_t* __restrict__ sgate, int64_t n,
+MK_CPU_INLINE void load_gated(const TailChannel<T, acc_t>& ch, const acc_t* __restrict__ sgate, int64_t n,
                               acc_t* __restrict__ buf) {
   const T* __restrict__ src = ch.src;
   if (ch.kind == 1) {
@@ -115,7 +115,7 @@ struct TailForward {
 
 // One task; buf holds (channels, tile) values, mu and rs one tile each.
 template <typename T, typename acc_t>
-MK_HFF_INLINE void tail_forward_task(const TailForward<T, acc_t>& F, int64_t task, acc_t* __restrict__ buf,
+MK_CPU_INLINE void tail_forward_task(const TailForward<T, acc_t>& F, int64_t task, acc_t* __restrict__ buf,
                                      acc_t* __restrict__ mu, acc_t* __restrict__ rs) {
   const TailProblem<T, acc_t>& P = F.P;
   const int64_t CT = P.channels(), stride = F.tiles.tile;
@@ -156,9 +156,9 @@ void tail_forward_generic(const TailForward<T, acc_t>& F, int64_t task, acc_t* b
   tail_forward_task(F, task, buf, mu, rs);
 }
 
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
 template <typename T, typename acc_t>
-MK_HFF_TARGET_AVX2 void tail_forward_avx2(const TailForward<T, acc_t>& F, int64_t task, acc_t* buf, acc_t* mu,
+MK_CPU_TARGET_AVX2 void tail_forward_avx2(const TailForward<T, acc_t>& F, int64_t task, acc_t* buf, acc_t* mu,
                                           acc_t* rs) {
   tail_forward_task(F, task, buf, mu, rs);
 }
@@ -167,7 +167,7 @@ MK_HFF_TARGET_AVX2 void tail_forward_avx2(const TailForward<T, acc_t>& F, int64_
 template <typename T, typename acc_t>
 void tail_forward(const TailForward<T, acc_t>& F) {
   auto task_fn = &tail_forward_generic<T, acc_t>;
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
   if (hff_cpu::use_avx2()) task_fn = &tail_forward_avx2<T, acc_t>;
 #endif
   const int64_t tile = F.tiles.tile;
@@ -193,7 +193,7 @@ struct TailBackward {
 
 // One task; xhat and dxhat hold (channels, tile) values, m1, m2 and ds one tile each.
 template <typename T, typename acc_t>
-MK_HFF_INLINE void tail_backward_task(const TailBackward<T, acc_t>& G, int64_t task, acc_t* __restrict__ xhat,
+MK_CPU_INLINE void tail_backward_task(const TailBackward<T, acc_t>& G, int64_t task, acc_t* __restrict__ xhat,
                                       acc_t* __restrict__ dxhat, acc_t* __restrict__ m1, acc_t* __restrict__ m2,
                                       acc_t* __restrict__ ds) {
   const TailProblem<T, acc_t>& P = G.P;
@@ -278,9 +278,9 @@ void tail_backward_generic(const TailBackward<T, acc_t>& G, int64_t task, acc_t*
   tail_backward_task(G, task, xhat, dxhat, m1, m2, ds);
 }
 
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
 template <typename T, typename acc_t>
-MK_HFF_TARGET_AVX2 void tail_backward_avx2(const TailBackward<T, acc_t>& G, int64_t task, acc_t* xhat,
+MK_CPU_TARGET_AVX2 void tail_backward_avx2(const TailBackward<T, acc_t>& G, int64_t task, acc_t* xhat,
                                            acc_t* dxhat, acc_t* m1, acc_t* m2, acc_t* ds) {
   tail_backward_task(G, task, xhat, dxhat, m1, m2, ds);
 }
@@ -289,7 +289,7 @@ MK_HFF_TARGET_AVX2 void tail_backward_avx2(const TailBackward<T, acc_t>& G, int6
 template <typename T, typename acc_t>
 void tail_backward(const TailBackward<T, acc_t>& G) {
   auto task_fn = &tail_backward_generic<T, acc_t>;
-#ifdef MK_HFF_X86_DISPATCH
+#ifdef MK_CPU_X86_DISPATCH
   if (hff_cpu::use_avx2()) task_fn = &tail_backward_avx2<T, acc_t>;
 #endif
   const int64_t tile = G.tiles.tile, CT = G.P.channels();

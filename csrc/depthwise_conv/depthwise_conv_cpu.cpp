@@ -10,8 +10,8 @@
 
 #include <string>
 
-#include "check_message.h"
-#include "depthwise_conv_cpu.h"
+#include "common/check_message.h"
+#include "depthwise_conv/depthwise_conv_cpu.h"
 #include "ops.h"
 
 namespace medkernels {

@@ -1,7 +1,7 @@
 // Argument checks of the depthwise-convolution entry points (declared in depthwise_conv_args.h).
 
-#include "check_message.h"
-#include "depthwise_conv_args.h"
+#include "common/check_message.h"
+#include "depthwise_conv/depthwise_conv_args.h"
 
 #include <c10/util/Exception.h>
 

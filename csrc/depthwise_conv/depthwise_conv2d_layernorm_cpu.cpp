@@ -8,8 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include "check_message.h"
-#include "depthwise_conv_cpu.h"
+#include "common/check_message.h"
+#include "depthwise_conv/depthwise_conv_cpu.h"
 #include "ops.h"
 
 namespace medkernels {

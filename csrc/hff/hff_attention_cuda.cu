@@ -19,10 +19,10 @@
 
 #include <limits>
 
-#include "hff_attention_checks.h"
-#include "hff_attention_math.h"
-#include "hff_channel_mlp.h"
-#include "hff_cuda_utils.cuh"
+#include "hff/hff_attention_checks.h"
+#include "hff/hff_attention_math.h"
+#include "hff/hff_channel_mlp.h"
+#include "hff/hff_cuda_utils.cuh"
 #include "ops.h"
 
 namespace medkernels {

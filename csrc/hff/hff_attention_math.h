@@ -16,8 +16,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cross_scan.h"  // MK_HOST_DEVICE
-#include "selective_scan_math.h"  // mk_exp
+#include "cross_scan/cross_scan.h"  // MK_HOST_DEVICE
+#include "selective_scan/selective_scan_math.h"  // mk_exp
 
 namespace medkernels {
 

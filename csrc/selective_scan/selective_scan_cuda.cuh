@@ -22,6 +22,11 @@
 // SS2D: the same kernels read position i of direction k at pixel cross_scan_pixel(k, i, H, W) of every
 // pixel-ordered operand; u and the output / du are shared by the four directions of a channel, so the
 // output and du are added with atomics into state-dtype buffers and cast at the end.
+//
+// Files: this header holds the kernels and the host helpers shared by both ops (included by
+// selective_scan_cuda.cu and ss2d_scan_cuda.cu, each instantiating its own kSS2D variant); the two .cu files
+// hold each op's checks and entry points.
+#pragma once
 
 #include <type_traits>
 #include <vector>
@@ -34,10 +39,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
-#include "check_message.h"
-#include "cross_scan.h"
+#include "common/check_message.h"
+#include "cross_scan/cross_scan.h"
 #include "ops.h"
-#include "selective_scan_math.h"
+#include "selective_scan/selective_scan_math.h"
 
 namespace medkernels {
 namespace {
@@ -528,71 +533,6 @@ void check_state_size(int64_t N, const char* op) {
                     "], but got N = ", N);
 }
 
-Problem check_selective_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                             const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D_skip,
-                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias) {
-  check_u(u, op, 3, "(B, D, L)");
-  Problem pr;
-  pr.batch = u.size(0);
-  pr.channels = u.size(1);
-  pr.rows = pr.channels;
-  pr.L = u.size(2);
-  const auto T = u.scalar_type();
-  const auto S = state_dtype_of(T);
-  check_operand(delta, op, "delta", u, u.sizes(), "(B, D, L)", T);
-  MK_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (D, N)");
-  pr.N = A.size(1);
-  check_operand(A, op, "A", u, {pr.channels, pr.N}, "(D, N)", S);
-  check_state_size(pr.N, op);
-  MK_CHECK_VALUE(B.defined() && B.dim() == 4, op, ": expected B to be a 4-D tensor of shape (B, G, N, L)");
-  pr.groups = B.size(1);
-  MK_CHECK_VALUE(pr.groups >= 1 && pr.channels % pr.groups == 0, op, ": expected B's group count G = ",
-                    pr.groups, " to divide D = ", pr.channels);
-  check_operand(B, op, "B", u, {pr.batch, pr.groups, pr.N, pr.L}, "(B, G, N, L)", T);
-  check_operand(C, op, "C", u, {pr.batch, pr.groups, pr.N, pr.L}, "(B, G, N, L)", T);
-  if (D_skip.has_value() && D_skip->defined()) {
-    check_operand(*D_skip, op, "D_skip", u, {pr.channels}, "(D,)", S);
-  }
-  if (z.has_value() && z->defined()) {
-    check_operand(*z, op, "z", u, u.sizes(), "(B, D, L)", T);
-  }
-  if (delta_bias.has_value() && delta_bias->defined()) {
-    check_operand(*delta_bias, op, "delta_bias", u, {pr.channels}, "(D,)", S);
-  }
-  return pr;
-}
-
-Problem check_ss2d_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                        const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D_skip,
-                        const c10::optional<at::Tensor>& delta_bias) {
-  check_u(u, op, 4, "(B, D, H, W)");
-  Problem pr;
-  pr.batch = u.size(0);
-  pr.channels = u.size(1);
-  pr.H = u.size(2);
-  pr.W = u.size(3);
-  pr.L = pr.H * pr.W;
-  pr.rows = kCrossScanDirections * pr.channels;
-  pr.groups = kCrossScanDirections;
-  const auto T = u.scalar_type();
-  const auto S = state_dtype_of(T);
-  check_operand(delta, op, "delta", u, {pr.batch, kCrossScanDirections, pr.channels, pr.H, pr.W},
-                "(B, 4, D, H, W)", T);
-  MK_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": expected A to be a 2-D tensor of shape (4 * D, N)");
-  pr.N = A.size(1);
-  check_operand(A, op, "A", u, {pr.rows, pr.N}, "(4 * D, N)", S);
-  check_state_size(pr.N, op);
-  check_operand(B, op, "B", u, {pr.batch, kCrossScanDirections, pr.N, pr.H, pr.W}, "(B, 4, N, H, W)", T);
-  check_operand(C, op, "C", u, {pr.batch, kCrossScanDirections, pr.N, pr.H, pr.W}, "(B, 4, N, H, W)", T);
-  if (D_skip.has_value() && D_skip->defined()) {
-    check_operand(*D_skip, op, "D_skip", u, {pr.rows}, "(4 * D,)", S);
-  }
-  if (delta_bias.has_value() && delta_bias->defined()) {
-    check_operand(*delta_bias, op, "delta_bias", u, {pr.rows}, "(4 * D,)", S);
-  }
-  return pr;
-}
-
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
 }
@@ -675,142 +615,4 @@ void run_bwd(ScanParams<scalar_t, acc_t> p, const at::Tensor& u, unsigned int bl
 }
 
 }  // namespace
-
-std::vector<at::Tensor> selective_scan_fwd_cuda(MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS) {
-  const char* op = "selective_scan_fwd_cuda";
-  const Problem pr = check_selective_scan(op, u, delta, A, B, C, D_skip, z, delta_bias);
-  const c10::cuda::CUDAGuard device_guard(u.device());
-  const auto S = state_dtype_of(u.scalar_type());
-  at::Tensor out = at::empty({pr.batch, pr.channels, pr.L}, u.options());
-  at::Tensor last_state = at::zeros({pr.batch, pr.rows, pr.N}, u.options().dtype(S));
-  if (pr.batch * pr.rows == 0 || pr.L == 0) {
-    return {out, last_state};
-  }
-  const unsigned int blocks = grid_for(pr, op);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto p = make_params<scalar_t, acc_t>(pr, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus);
-    p.out = out.data_ptr<scalar_t>();
-    p.last_state = last_state.data_ptr<acc_t>();
-    launch_fwd<scalar_t, acc_t, false>(p, blocks, stream);
-  });
-  return {out, last_state};
-}
-
-std::vector<at::Tensor> selective_scan_bwd_cuda(const at::Tensor& dout,
-                                                const c10::optional<at::Tensor>& dlast_state,
-                                                MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS) {
-  const char* op = "selective_scan_bwd_cuda";
-  // The standard reaction under torch.use_deterministic_algorithms(True): an error (a warning with warn_only).
-  at::globalContext().alertNotDeterministic("medkernels selective_scan_bwd_cuda (dB, dC, dA, dD and ddelta_bias are summed with atomicAdd)");
-  const Problem pr = check_selective_scan(op, u, delta, A, B, C, D_skip, z, delta_bias);
-  const auto T = u.scalar_type();
-  const auto S = state_dtype_of(T);
-  check_operand(dout, op, "dout", u, u.sizes(), "(B, D, L)", T);
-  const at::Tensor* dlast = present(dlast_state);
-  if (dlast != nullptr) {
-    check_operand(*dlast, op, "dlast_state", u, {pr.batch, pr.rows, pr.N}, "(B, D, N)", S);
-  }
-  const c10::cuda::CUDAGuard device_guard(u.device());
-  const auto acc_options = u.options().dtype(S);
-  at::Tensor du = at::zeros_like(u);
-  at::Tensor ddelta = at::zeros_like(delta);
-  at::Tensor dA = at::zeros_like(A);
-  at::Tensor dB_acc = at::zeros(B.sizes(), acc_options);
-  at::Tensor dC_acc = at::zeros(C.sizes(), acc_options);
-  const at::Tensor* D_t = present(D_skip);
-  const at::Tensor* z_t = present(z);
-  const at::Tensor* bias_t = present(delta_bias);
-  at::Tensor dD = D_t != nullptr ? at::zeros_like(*D_t) : at::Tensor();
-  at::Tensor dz = z_t != nullptr ? at::zeros_like(*z_t) : at::Tensor();
-  at::Tensor dbias = bias_t != nullptr ? at::zeros_like(*bias_t) : at::Tensor();
-  if (pr.batch * pr.rows != 0 && pr.L != 0) {
-    const unsigned int blocks = grid_for(pr, op);
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, "selective_scan_bwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = make_params<scalar_t, acc_t>(pr, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus);
-      p.dout = dout.const_data_ptr<scalar_t>();
-      p.dlast = dlast != nullptr ? dlast->const_data_ptr<acc_t>() : nullptr;
-      p.du = du.data_ptr<scalar_t>();
-      p.ddelta = ddelta.data_ptr<scalar_t>();
-      p.dz = ptr_or_null<scalar_t>(dz);
-      p.dA = dA.data_ptr<acc_t>();
-      p.dB = dB_acc.data_ptr<acc_t>();
-      p.dC = dC_acc.data_ptr<acc_t>();
-      p.dD = ptr_or_null<acc_t>(dD);
-      p.ddelta_bias = ptr_or_null<acc_t>(dbias);
-      run_bwd<scalar_t, acc_t, false>(p, u, blocks, stream);
-    });
-  }
-  return {du, ddelta, dA, dB_acc.to(T), dC_acc.to(T), dD, dz, dbias};
-}
-
-std::vector<at::Tensor> ss2d_scan_fwd_cuda(MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
-  const char* op = "ss2d_scan_fwd_cuda";
-  at::globalContext().alertNotDeterministic("medkernels ss2d_scan_fwd_cuda (the four directions are summed with atomicAdd)");
-  const Problem pr = check_ss2d_scan(op, u, delta, A, B, C, D_skip, delta_bias);
-  const c10::cuda::CUDAGuard device_guard(u.device());
-  const auto T = u.scalar_type();
-  at::Tensor out_acc = at::zeros({pr.batch, pr.channels, pr.L}, u.options().dtype(state_dtype_of(T)));
-  if (pr.batch * pr.rows != 0 && pr.L != 0) {
-    const unsigned int blocks = grid_for(pr, op);
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, "ss2d_scan_fwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = make_params<scalar_t, acc_t>(pr, u, delta, A, B, C, D_skip, std::nullopt, delta_bias,
-                                            delta_softplus);
-      p.out_acc = out_acc.data_ptr<acc_t>();
-      launch_fwd<scalar_t, acc_t, true>(p, blocks, stream);
-    });
-  }
-  return {out_acc.to(T)};
-}
-
-std::vector<at::Tensor> ss2d_scan_bwd_cuda(const at::Tensor& dout, MEDKERNELS_SS2D_SCAN_FWD_ARGS) {
-  const char* op = "ss2d_scan_bwd_cuda";
-  at::globalContext().alertNotDeterministic("medkernels ss2d_scan_bwd_cuda (du and the parameter gradients are summed with atomicAdd)");
-  const Problem pr = check_ss2d_scan(op, u, delta, A, B, C, D_skip, delta_bias);
-  const auto T = u.scalar_type();
-  const auto S = state_dtype_of(T);
-  // dout: the output's (B, D, H * W), or u's (B, D, H, W).
-  MK_CHECK_VALUE(dout.defined(), op, ": expected dout to be a tensor, but got an undefined tensor");
-  if (dout.dim() == 4) {
-    check_operand(dout, op, "dout", u, u.sizes(), "(B, D, H, W)", T);
-  } else {
-    check_operand(dout, op, "dout", u, {pr.batch, pr.channels, pr.L}, "(B, D, H * W)", T);
-  }
-  const c10::cuda::CUDAGuard device_guard(u.device());
-  const auto acc_options = u.options().dtype(S);
-  at::Tensor du_acc = at::zeros(u.sizes(), acc_options);
-  at::Tensor ddelta = at::zeros_like(delta);
-  at::Tensor dA = at::zeros_like(A);
-  at::Tensor dB_acc = at::zeros(B.sizes(), acc_options);
-  at::Tensor dC_acc = at::zeros(C.sizes(), acc_options);
-  const at::Tensor* D_t = present(D_skip);
-  const at::Tensor* bias_t = present(delta_bias);
-  at::Tensor dD = D_t != nullptr ? at::zeros_like(*D_t) : at::Tensor();
-  at::Tensor dbias = bias_t != nullptr ? at::zeros_like(*bias_t) : at::Tensor();
-  if (pr.batch * pr.rows != 0 && pr.L != 0) {
-    const unsigned int blocks = grid_for(pr, op);
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T, "ss2d_scan_bwd_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto p = make_params<scalar_t, acc_t>(pr, u, delta, A, B, C, D_skip, std::nullopt, delta_bias,
-                                            delta_softplus);
-      p.dout = dout.const_data_ptr<scalar_t>();
-      p.du_acc = du_acc.data_ptr<acc_t>();
-      p.ddelta = ddelta.data_ptr<scalar_t>();
-      p.dA = dA.data_ptr<acc_t>();
-      p.dB = dB_acc.data_ptr<acc_t>();
-      p.dC = dC_acc.data_ptr<acc_t>();
-      p.dD = ptr_or_null<acc_t>(dD);
-      p.ddelta_bias = ptr_or_null<acc_t>(dbias);
-      run_bwd<scalar_t, acc_t, true>(p, u, blocks, stream);
-    });
-  }
-  return {du_acc.to(T), ddelta, dA, dB_acc.to(T), dC_acc.to(T), dD, dbias};
-}
-
 }  // namespace medkernels

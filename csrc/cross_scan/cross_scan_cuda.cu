@@ -13,8 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
-#include "checks.h"
-#include "cross_scan.h"
+#include "common/checks.h"
+#include "cross_scan/cross_scan.h"
 #include "ops.h"
 
 namespace medkernels {

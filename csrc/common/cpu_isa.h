@@ -16,4 +16,9 @@ CpuIsa cpu_isa_cap();
 void set_cpu_isa_cap(const std::string& name);
 std::string cpu_isa_cap_name();
 
+// Whether a CPU kernel may run its AVX-512 (F, VL, DQ, BW) or its AVX2 + FMA variant now: this CPU has the
+// instructions and the cap allows them. Every CPU kernel with per-ISA variants dispatches through these two.
+bool cpu_use_avx512();
+bool cpu_use_avx2();
+
 }  // namespace medkernels

@@ -28,9 +28,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "check_message.h"
-#include "depthwise_conv_args.h"
-#include "depthwise_conv_math.h"
+#include "common/check_message.h"
+#include "depthwise_conv/depthwise_conv_args.h"
+#include "depthwise_conv/depthwise_conv_math.h"
 #include "ops.h"
 
 namespace medkernels {

@@ -1,5 +1,5 @@
 // Geometry and argument checks of the depthwise-convolution entry points, shared by the CPU
-// (depthwise_conv_cpu.cpp, depthwise_layernorm_cpu.cpp) and CUDA (depthwise_conv_cuda.cu) files; defined
+// (depthwise_conv_cpu.cpp, depthwise_conv2d_layernorm_cpu.cpp) and CUDA (depthwise_conv_cuda.cu) files; defined
 // in depthwise_conv_args.cpp. Every message names the operator and the argument; wrong dtypes raise
 // TypeError in Python, anything else ValueError.
 #pragma once
@@ -12,7 +12,7 @@
 #include <c10/core/DeviceType.h>
 #include <c10/util/Optional.h>
 
-#include "depthwise_conv_math.h"
+#include "depthwise_conv/depthwise_conv_math.h"
 
 namespace medkernels {
 namespace dwconv {
