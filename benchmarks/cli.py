@@ -1,39 +1,32 @@
 """Time every medkernels op and both networks against pure PyTorch, torch.compile and mambapy/mamba_ssm.
 
-``python -m medkernels.bench`` runs them side by side in one run, each row with its error against the
-reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and a speed-up plot beside it;
-``--update-readme`` (or ``--readme-from JSON``) writes the README's table for the device from a run's JSON.
+``python -m benchmarks`` (from the repository root) runs them side by side in one run, each row with its error against the
+reference. Prints the tables, writes ``benchmarks/results/<device>.json`` and beside it every row as a
+Markdown table (``<device>.md``) and the summary plot (``<device>.png``); ``--update-readme`` (or
+``--readme-from JSON``) writes the README's summary for the device from a run's JSON, ``--plot-from JSON``
+redraws a recorded run's Markdown table and plot without timing anything.
 """
 import argparse
+import glob
 import os
 import sys
 import time
 
 import torch
 
-from . import _backend
-from .bench_progress import Progress
-from .bench_registry import MODEL_BENCHES, OP_BENCHES, BenchUnavailable, load
-from .bench_report import (SCHEMA, check_schema, device_info, environment, format_run, load_json,
-                           normalize_row, now_iso, update_readme, write_json)
-from .bench_timing import time_call  # noqa: F401  (op benchmark modules are handed it; kept importable here)
+from .common import backends_for
+from .progress import Progress
+from .registry import MODEL_BENCHES, NETWORKS, OP_BENCHES, OPS, BenchUnavailable, load
+from .report import (SCHEMA, check_schema, device_info, environment, format_run, load_json, markdown_report,
+                     normalize_row, now_iso, update_readme, write_json)
+from .timing import time_call
 
 RESULTS_DIR = "benchmarks/results"
 DEFAULTS = {"quick": {"warmup": 1, "repeats": 3}, "full": {"warmup": 2, "repeats": 5}}
 
 
-def backends_for(device):
-    """The medkernels backends to time on `device`; Triton's CPU interpreter is a test tool, not a provider."""
-    device = torch.device(device)
-    return [b for b in _backend.BACKENDS if _backend.unavailable_reason(b) is None and _backend._runs_on(b, device.type)
-            and not (b == "triton" and device.type == "cpu")]
-
-
-_backends_for = backends_for  # the name the first scan benchmark used
-
-
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m medkernels.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: stage 1 and 4 shapes, small training "
                       "batch, no torch.compile on CPU; a few minutes on a 2-core CPU")
@@ -49,9 +42,12 @@ def _parser():
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default 1 quick, 2 full; the first "
                    "call, which also gives each row's error, counts as one)")
     p.add_argument("--repeats", type=int, help="timed calls per row (default 3 quick, 5 full)")
-    p.add_argument("--out", help=f"JSON path (default {RESULTS_DIR}/<device>.json); the PNG goes beside it")
+    p.add_argument("--out", help=f"JSON path (default {RESULTS_DIR}/<device>.json); the .md and .png go beside it")
     p.add_argument("--no-json", action="store_true", help="print the tables only")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--list", action="store_true", help="list the ops and networks, their shapes and providers")
+    p.add_argument("--plot-from", metavar="JSON", nargs="+", help="do not run anything: write the Markdown table "
+                   "and the plot beside each of these run JSONs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--update-readme", metavar="README", help="write this device's table into README between "
                    "its <!-- bench:cpu|cuda --> markers")
@@ -84,7 +80,7 @@ def run_suite(device, ops, models, quick, warmup, repeats, progress):
 
 
 def _notes(device, quick):
-    from .bench_models import config
+    from .networks import config
 
     cfg = config(device, quick)
     notes = [f"networks: inference at {cfg['size']}x{cfg['size']}, batch {' and '.join(map(str, cfg['infer_batches']))}; "
@@ -98,6 +94,18 @@ def _notes(device, quick):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.list:
+        for kind, benches in (("ops", OPS), ("networks", NETWORKS)):
+            print(f"{kind}:")
+            for b in benches:
+                print(f"  {b.name}: {b.shapes}\n      providers: {b.providers}")
+        return 0
+    if args.plot_from:
+        for path in args.plot_from:
+            data = load_json(path)
+            _write_beside(data, path, plot=True)
+        if not args.readme_from:
+            return 0
     if args.readme_from:
         readme = args.update_readme or "README.md"
         latest = {}  # per device type, the most recent run among the files given
@@ -108,17 +116,23 @@ def main(argv=None):
                 latest[kind] = (path, data)
         for kind, (path, data) in sorted(latest.items()):
             update_readme(readme, data, source=path)
-            print(f"wrote the {kind} table of {readme} from {path}")
+            print(f"wrote the {kind} summary of {readme} from {path}")
+        if "cuda" not in latest and not _recorded_cuda_runs():
+            try:
+                update_readme(readme, None, kind="cuda", block=_no_cuda_run_note())
+                print(f"wrote the cuda note of {readme}: no CUDA run is recorded in {RESULTS_DIR}")
+            except ValueError as exc:
+                print(f"no cuda note: {exc}")
         return 0
     quick = not args.full
-    from . import bench_models
+    from . import networks
 
     if any(b < 1 for b in (args.batches or ())) or (args.train_batch is not None and args.train_batch < 1):
         parser.error("--batches and --train-batch take batch sizes of at least 1")
     for key, value in (("infer_batches", tuple(args.batches) if args.batches else None),
                        ("train_batch", args.train_batch)):
         if value is not None:
-            bench_models.OVERRIDES[key] = value
+            networks.OVERRIDES[key] = value
     mode = "quick" if quick else "full"
     warmup = DEFAULTS[mode]["warmup"] if args.warmup is None else args.warmup
     repeats = DEFAULTS[mode]["repeats"] if args.repeats is None else args.repeats
@@ -151,8 +165,7 @@ def main(argv=None):
         path = args.out or f"{RESULTS_DIR}/{dev['slug']}.json"
         write_json(data, path)
         print(f"wrote {path}")
-        if not args.no_plot:
-            _plot(data, path[: -len(".json")] + ".png" if path.endswith(".json") else path + ".png")
+        _write_beside(data, path, plot=not args.no_plot)
     if args.update_readme:
         update_readme(args.update_readme, data, source=None if args.no_json else path)
         print(f"wrote the {dev['type']} table of {args.update_readme}")
@@ -167,8 +180,42 @@ def _load_average():
         return None
 
 
+def _recorded_cuda_runs():
+    """The run JSONs of CUDA devices in RESULTS_DIR."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
+        try:
+            if load_json(path)["device"]["type"] == "cuda":
+                runs.append(path)
+        except (OSError, ValueError):
+            continue
+    return runs
+
+
+def _no_cuda_run_note():
+    """The cuda block's line while no CUDA run is recorded as JSON: where the archived GPU records are."""
+    archived = sorted(glob.glob(os.path.join(RESULTS_DIR, "archive", "nvidia-*")))
+    where = ", ".join(f"`{p}`" for p in archived) or "none"
+    return (f"No CUDA run is recorded as JSON yet (`bash benchmarks/gpu_session.sh build bench` on a GPU writes "
+            f"one); the archived GPU record: {where}.")
+
+
+def _beside(path, suffix):
+    return (path[: -len(".json")] if path.endswith(".json") else path) + suffix
+
+
+def _write_beside(data, path, plot):
+    """The Markdown table of every row (and the plot) next to the run's JSON at `path`."""
+    md = _beside(path, ".md")
+    with open(md, "w") as f:
+        f.write(markdown_report(data, source=os.path.basename(path)))
+    print(f"wrote {md}")
+    if plot:
+        _plot(data, _beside(path, ".png"))
+
+
 def _plot(data, path):
-    from .bench_plot import write_plot
+    from .plot import write_plot
 
     try:
         write_plot(data, path)

@@ -3,12 +3,7 @@
 Kept out of the normal test run (``testpaths = ["tests"]``; CI runs ``pytest tests``). Without
 pytest-benchmark every test here is skipped, saying so; ``pip install -r requirements-bench.txt`` adds it.
 """
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # benchmarks/op_cases.py, next to this file
 
 MISSING = "pytest-benchmark is not installed: pip install -r requirements-bench.txt"
 
@@ -23,7 +18,8 @@ def pytest_addoption(parser, pluginmanager):
     group.addoption("--bench-stages", default="1,4", help="MedMamba-T stages whose shapes to time (1-4)")
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark")
     group.addoption("--bench-compile", action="store_true",
-                    help="also time torch.compile of the references on CPU (minutes of compiling)")
+                    help="the cases of --full: torch.compile of the references on CPU (minutes of compiling), "
+                    "every depthwise layout")
     if not _have_plugin(pluginmanager):
         # so that the documented command line still parses and the skip reason is what the user sees
         parser.addoption("--benchmark-only", action="store_true", help=MISSING)

@@ -14,23 +14,18 @@ float16 (and bfloat16 unless ``quick``). ``max_abs_err_vs_ref`` is the largest d
 provider: of the output for forward rows, of any gradient (x, weight, bias, and the LayerNorm's) for
 forward+backward rows.
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from . import _backend, ops
-from .bench_timing import time_interleaved
+from medkernels import _backend, ops
+
+from .common import kernel_backends
+from .op import Case
+from .timing import time_interleaved
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 KERNEL = 3
 LN_EPS = 1e-6
-
-
-def _kernel_providers(device):
-    """The medkernels backends timed on `device` (Triton's CPU interpreter is a test tool, not a provider)."""
-    return [b for b in _backend.BACKENDS if b != "ref" and _backend.unavailable_reason(b) is None
-            and _backend._runs_on(b, device.type) and not (b == "triton" and device.type == "cpu")]
 
 
 def _inputs(op, layout, batch, channels, size, dtype, device, seed=0):
@@ -112,10 +107,10 @@ def _cases(device, quick):
 
 def bench_depthwise_conv(device, time_call, warmup, repeats, quick=True):
     """Rows of {"op", "pass", "provider", "shape", "max_abs_err_vs_ref", "median_s", "min_s", "max_s", "repeats",
-    "baseline", "speedup"} for every case, stage and provider; `time_call` is medkernels.bench.time_call. The
-    providers of a case and pass are timed interleaved (bench_timing.time_interleaved)."""
+    "baseline", "speedup"} for every case, stage and provider; `time_call` is timing.time_call. The
+    providers of a case and pass are timed interleaved (timing.time_interleaved)."""
     device = torch.device(device)
-    providers = ["pytorch", "ref"] + _kernel_providers(device)
+    providers = ["pytorch", "ref"] + kernel_backends(device)
     rows = []
     for op, layout, dtype, batch in _cases(device, quick):
         for channels, size in STAGES:
@@ -147,29 +142,18 @@ def bench_depthwise_conv(device, time_call, warmup, repeats, quick=True):
     return rows
 
 
-def format_rows(rows):
-    header = (f"{'op':27s} {'layout':14s} {'shape':16s} {'pass':17s} {'provider':9s} {'median ms':>10s} "
-              f"{'spread ms':>15s} {'vs pytorch':>10s} {'max|err|':>9s}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        s = r["shape"]
-        shape = f"{s['batch']}x{s['channels']}x{s['H']}x{s['W']}"
-        layout = s["layout"] if s["dtype"] == "float32" else f"{s['layout']} {s['dtype']}"
-        ratio = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        spread = f"{1e3 * r['min_s']:.2f}-{1e3 * r['max_s']:.2f}"
-        lines.append(f"{r['op']:27s} {layout:14s} {shape:16s} {r['pass']:17s} {r['provider']:9s} "
-                     f"{1e3 * r['median_s']:10.3f} {spread:>15s} {ratio:>10s} {r['max_abs_err_vs_ref']:9.1e}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="depthwise convolution benchmarks alone")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--full", action="store_true", help="also NCHW on CPU, bfloat16 on GPU")
-    args = parser.parse_args()
-    from .bench import time_call
-
-    print(format_rows(bench_depthwise_conv(torch.device(args.device), time_call, args.warmup, args.repeats,
-                                           quick=not args.full)))
+def depthwise_cases(device, stages, quick):
+    """The pytest-benchmark cases (registry.OPS): the CLI's cases, stage shapes and providers."""
+    device = torch.device(device)
+    providers = ["pytorch", "ref"] + kernel_backends(device)
+    cases = []
+    for op, layout, dtype, batch in _cases(device, quick):
+        for stage, (channels, size) in enumerate(STAGES, 1):
+            if stage not in stages:
+                continue
+            dt = str(dtype).replace("torch.", "")
+            label = f"stage{stage}-{layout}" + ("" if dt == "float32" else f"-{dt}")
+            fns = {p: (lambda t, op=op, p=p, layout=layout: _call(op, p, t, layout)) for p in providers}
+            cases.append(Case(op, label, lambda op=op, layout=layout, batch=batch, c=channels, n=size, dtype=dtype:
+                              _inputs(op, layout, batch, c, n, dtype, device), fns))
+    return cases

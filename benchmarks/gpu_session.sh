@@ -2,9 +2,12 @@
 # One call on a lent GPU machine: build medkernels, then run the named stages in order, each under its own time
 # limit, logging to $OUT/<stage>.log (the device tool brings $OUT back).  Usage:
 #   bash benchmarks/gpu_session.sh [info] [build] [smoke] [tests] [sanitize] [bench-dw] [bench-hff] [bench] ...
+# The bench stages run `python -m benchmarks` from the repository root and write one JSON each (with the
+# .md table beside it) under $OUT.
 # Stage limits come from <STAGE>_LIMIT in seconds (dashes as underscores, e.g. BENCH_HFF_LIMIT=240), cut to
 # what is left of SESSION_LIMIT (default 570).
 set -u
+cd "$(dirname "$0")/.."  # the repository root: `python -m benchmarks` imports the package from there
 OUT=${OUT:-/tmp/medkernels-gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -35,9 +38,11 @@ for s in "$@"; do
     tests) stage tests 330 "$PY" -m pytest tests -n "${TEST_WORKERS:-16}" -k "${TEST_SELECT:-cuda}" -p no:cacheprovider -v \
                --timeout 120 --tb=short -rfE --junitxml="$OUT/tests.xml" ;;
     sanitize) stage sanitize 240 bash -c "for t in ${SANITIZE_TOOLS:-memcheck racecheck}; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/gpu_sanitize.py --backend cuda; echo \"\$t rc=\$?\"; done" ;;
-    bench-dw) stage bench-dw 200 "$PY" -m medkernels.bench_depthwise --device cuda --full ;;
-    bench-hff) stage bench-hff 300 "$PY" -m medkernels.bench_hff --device cuda --json "$OUT/hff.json" ${BENCH_HFF_ARGS:-} ;;
-    bench) stage bench 580 "$PY" -m medkernels.bench ${BENCH_ARGS:---full} --no-progress --no-plot --out "$OUT/gpu.json" ;;
+    bench-dw) stage bench-dw 200 "$PY" -m benchmarks --device cuda --full --warmup 2 --repeats 10 --ops depthwise_conv2d --models --no-progress \
+                 --no-plot --out "$OUT/depthwise.json" ;;
+    bench-hff) stage bench-hff 300 "$PY" -m benchmarks --device cuda --warmup 2 --repeats 10 --ops hff_attention --models --no-progress --no-plot \
+                  --out "$OUT/hff.json" ${BENCH_HFF_ARGS:-} ;;
+    bench) stage bench 580 "$PY" -m benchmarks ${BENCH_ARGS:---full} --no-progress --no-plot --out "$OUT/gpu.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done

@@ -4,7 +4,7 @@
 local feature l, the channel attention on the global feature g, the concatenation with the fused feature x_f
 and the channels-first LayerNorm (norm3), in training mode (the spatial BatchNorm on batch statistics,
 updating its running ones). Providers, side by side in one run, on the same inputs and timed interleaved (one
-call of each per round, bench_timing.time_interleaved):
+call of each per round, timing.time_interleaved):
 
 * ``eager``: the same computation in plain eager PyTorch as the official HiFuse code writes it (the baseline);
 * ``ref``, ``cpu``, ``cuda``, ``triton``: medkernels' ``hff_attention_tail`` (the spatial and channel gates
@@ -16,16 +16,16 @@ in float32 on CPU, batch 64 in float16 and bfloat16 on CUDA. Each row has its sp
 largest difference from ``ref`` (the output for the forward, the input gradients for forward+backward).
 The whole ``HFFBlock`` (its IRMLP included) is timed too: once in quick mode, at every scale otherwise.
 """
-import argparse
 import copy
-import json
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, ops
-from .bench_timing import time_interleaved
+from medkernels import _backend, ops
+
+from .common import backends_for
+from .op import Case
+from .timing import time_interleaved
 
 SCALES = ((96, 56), (192, 28), (384, 14), (768, 7))
 REDUCTION = 16
@@ -121,9 +121,7 @@ def _ratios(rows, baseline="eager"):
 
 
 def hff_providers(device):
-    from .bench import _backends_for
-
-    providers = ["eager"] + _backends_for(device)
+    providers = ["eager"] + backends_for(device)
     if device.type == "cuda":
         providers.append("compile")
     return providers
@@ -165,7 +163,7 @@ def official_hff_forward(block, l, g, f):
 
 
 def _bench_block(device, time_call, warmup, repeats, dtype, batch, channels, size):
-    from .nn import HFFBlock
+    from medkernels.nn import HFFBlock
 
     shape = {"batch": batch, "channels": channels, "H": size, "W": size, "dtype": str(dtype).split(".")[-1]}
     torch.manual_seed(0)
@@ -218,44 +216,21 @@ def bench_hff(device, time_call, warmup, repeats, quick=True, scales=SCALES, bat
     return rows
 
 
-def format_rows(rows):
-    header = (f"{'op':19s} {'pass':17s} {'shape':20s} {'provider':9s} {'median ms':>10s} {'spread ms':>17s} "
-              f"{'speed-up':>15s} {'max|err|':>9s}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        s = r["shape"]
-        shape = f"{s['batch']}x{s['channels']}@{s['H']}x{s['W']} {s['dtype']}"
-        ratio = f"{r['speedup']:.2f}x vs {r['baseline']}" if "speedup" in r else "-"
-        spread = f"{1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}"
-        lines.append(f"{r['op']:19s} {r['pass']:17s} {shape:20s} {r['provider']:9s} {1e3 * r['median_s']:10.2f} "
-                     f"{spread:>17s} {ratio:>15s} {r['max_abs_err_vs_ref']:9.1e}")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="HFF attention + tail and HFFBlock benchmarks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--full", action="store_true", help="time the whole HFFBlock at every scale")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
-    parser.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32", "float64"],
-                        help="default: float16 and bfloat16 on CUDA, float32 on CPU")
-    args = parser.parse_args(argv)
-    from .bench import time_call
-    from .info import info
-
-    device = torch.device(args.device)
-    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
-    rows = bench_hff(device, time_call, args.warmup, args.repeats, quick=not args.full, dtypes=dtypes)
-    print(f"medkernels HFF bench on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": info(), "device": str(device), "threads": torch.get_num_threads(),
-                       "args": vars(args), "rows": rows}, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def hff_cases(device, stages, quick):
+    """The pytest-benchmark cases (registry.OPS): the fused attention + tail at the CLI's scales (stage s: the
+    s-th of SCALES), batch and dtypes, with the CLI's providers."""
+    device = torch.device(device)
+    batch = 64 if device.type == "cuda" else 8
+    compiled = torch.compile(eager_attention_tail) if device.type == "cuda" else None
+    fns = {provider: _provider_call(provider, compiled) for provider in hff_providers(device)}
+    cases = []
+    for dtype in _gpu_dtypes(device):
+        for stage, (channels, size) in enumerate(SCALES, 1):
+            if stage not in stages:
+                continue
+            dt = str(dtype).split(".")[-1]
+            label = f"stage{stage}" + ("" if dt == "float32" else f"-{dt}")
+            cases.append(Case("hff_attention_tail", label,
+                              lambda dtype=dtype, c=channels, n=size: attention_tail_inputs(device, dtype, batch, c, n),
+                              dict(fns), fwd_bwd=_forward_backward))
+    return cases

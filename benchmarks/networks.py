@@ -19,10 +19,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from . import _backend
-from .bench_op import _short, max_abs_diff
-from .bench_scan import MEDMAMBA_T_STAGES, N, _importable, ref_backward_skip_reason
-from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, timed_first_call
+from medkernels import _backend
+
+from .common import importable
+from .op import _short, max_abs_diff
+from .scan import MEDMAMBA_T_STAGES, N, mamba_ssm_scan, mambapy_scan, ref_backward_skip_reason
+from .timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, timed_first_call
 
 NUM_CLASSES = 7
 INFERENCE, TRAIN = "inference", "train step"
@@ -51,7 +53,7 @@ def config(device, quick):
 
 def build_model(name, device):
     """The network with deterministic weights; drop-path is off so every provider computes the same step."""
-    from . import models
+    from medkernels import models
 
     torch.manual_seed(0)
     kwargs = {"drop_path_rate": 0.0} if name.startswith("medmamba") else {}
@@ -68,7 +70,7 @@ def batch_inputs(batch, size, device):
 def _official_forward_core(scan):
     """SS2D.forward_core as the official MedMamba computes it: materialise the four scan orders, project
     each, scan them with `scan`, and merge the four outputs back to row-major order in PyTorch."""
-    from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref
+    from medkernels.ops.cross_scan_ref import cross_merge_ref, cross_scan_ref
 
     def forward_core(self, x):
         b, d, h, w = x.shape
@@ -99,7 +101,7 @@ class _Provider:
         return contextlib.nullcontext()
 
     def __enter__(self):
-        from .nn.ss2d import SS2D
+        from medkernels.nn.ss2d import SS2D
 
         self._ctx = _backend.use_backend(self.backend)
         self._ctx.__enter__()
@@ -109,7 +111,7 @@ class _Provider:
         return self
 
     def __exit__(self, *exc):
-        from .nn.ss2d import SS2D
+        from medkernels.nn.ss2d import SS2D
 
         SS2D.forward_core = self._saved
         return self._ctx.__exit__(*exc)
@@ -117,8 +119,6 @@ class _Provider:
 
 def providers_for(name, device):
     """[(provider name, _Provider or reason it is skipped)]."""
-    from .bench_scan import mamba_ssm_scan, mambapy_scan
-
     device = torch.device(device)
     out = [("medkernels", _Provider("medkernels", "auto")), ("ref", _Provider("ref", "ref")),
            ("ref-compiled", _Provider("ref-compiled", "ref", compiled=True))]
@@ -128,10 +128,10 @@ def providers_for(name, device):
             out.append((label, _Provider(label, backend, precision=precision)))
     if name.startswith("medmamba"):
         if device.type == "cpu":
-            out.append(("mambapy", _Provider("mambapy", "ref", scan=mambapy_scan) if _importable("mambapy.pscan")
+            out.append(("mambapy", _Provider("mambapy", "ref", scan=mambapy_scan) if importable("mambapy.pscan")
                         else "skipped: mambapy is not installed (pip install -r requirements-bench.txt)"))
         else:
-            ok = _importable("mamba_ssm.ops.selective_scan_interface")
+            ok = importable("mamba_ssm.ops.selective_scan_interface")
             out.append(("official", _Provider("official", "ref", scan=mamba_ssm_scan) if ok
                         else "skipped: mamba_ssm is not installed"))
     return out
@@ -149,7 +149,7 @@ def _train_step(model, optimizer, x, y, autocast):
 
 
 def _medmamba_ref_backward_reason(name, device, batch, size):
-    """The ref backend's scan backward is quadratic in L (see bench_scan); at stage 1 it is by far the largest."""
+    """The ref backend's scan backward is quadratic in L (see scan.py); at stage 1 it is by far the largest."""
     if not name.startswith("medmamba"):
         return None
     stage, d_inner, side = MEDMAMBA_T_STAGES[0]
@@ -179,7 +179,7 @@ def _make_call(model, provider, pass_name, batch, size, device):
 
 
 def model_memory_step(name, provider, pass_name, batch, size):
-    """The child side of a CPU peak-memory measurement (see bench_timing.child_peak_mb)."""
+    """The child side of a CPU peak-memory measurement (see timing.child_peak_mb)."""
     device = torch.device("cpu")
     prov = dict(providers_for(name, device))[provider]
     call = _make_call(build_model(name, device), prov, pass_name, batch, size, device)
@@ -191,7 +191,7 @@ def _memory(name, provider, pass_name, batch, size, device, call):
         return cuda_peak_mb(call, device)
     if provider.compiled:
         return None  # the child would have to compile the network again
-    return child_peak_mb("medkernels.bench_models:model_memory_step",
+    return child_peak_mb("benchmarks.networks:model_memory_step",
                          {"name": name, "provider": provider.name, "pass_name": pass_name, "batch": batch,
                           "size": size})
 

@@ -4,12 +4,37 @@ against the reference on the same inputs and its speed-up over the baseline meas
 A provider is a function of the input dict returning the output tensor. A provider that cannot run is kept
 as a row with ``status`` "skipped" (and the reason in ``note``); one that raises is kept as "failed".
 """
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
 import torch
 
-from .bench_timing import repeats_within, timed_first_call
+from .timing import repeats_within, timed_first_call
 
 FORWARD, FWD_BWD = "forward", "forward+backward"
 ERR_PREFIX = "max_abs_err_vs_"
+
+
+@dataclass
+class Case:
+    """One op at one shape for the pytest-benchmark suite: its inputs (built once, on first use), its providers
+    ({name: fn(inputs) -> output}, ``ref`` among them), the (provider, pass) pairs not run with the reason, and
+    how a forward+backward is run (default forward_backward below)."""
+    op: str
+    label: str
+    make_inputs: Callable[[], dict]
+    providers: Dict[str, Callable]
+    skip: Dict[Tuple[str, str], str] = field(default_factory=dict)
+    fwd_bwd: Optional[Callable] = None  # fn(provider fn, inputs, output gradient) -> tensors
+    _inputs: dict = None
+
+    def inputs(self):
+        if self._inputs is None:
+            self._inputs = self.make_inputs()
+        return self._inputs
+
+    def forward_backward(self, fn, inputs, grad):
+        return (self.fwd_bwd or forward_backward)(fn, inputs, grad)
 
 
 def status_row(op, pass_name, provider, shape, status, note, label=None):
@@ -53,7 +78,7 @@ def run_op_bench(op, shape, inputs, providers, device, time_call, warmup, repeat
     baselines: the providers to compare against, first that ran wins (its name lands in ``baseline`` and in
     the error key ``max_abs_err_vs_<name>``). memory: fn(name, call) -> MB or None, for forward+backward rows.
     The first call of each provider is timed apart (``first_call_s``: for a torch.compile'd provider, the
-    compilation) and also serves as a warm-up call. budget_s: see bench_timing.repeats_within.
+    compilation) and also serves as a warm-up call. budget_s: see timing.repeats_within.
     """
     skip = skip or {}
     label = label or shape_label(shape)

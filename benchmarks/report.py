@@ -1,6 +1,7 @@
 """What a benchmark run leaves behind: the environment record, the JSON (and its schema check), the stdout
 tables and the README blocks written from a JSON."""
 import json
+import math
 import os
 import platform
 import re
@@ -65,7 +66,7 @@ def _version(module):
 
 
 def environment(device):
-    from .info import info
+    from medkernels.info import info
 
     env = info()
     env.update({"cpu": cpu_name(), "machine": platform.machine(), "os": platform.platform(),
@@ -205,23 +206,168 @@ def load_json(path):
     return data
 
 
-def readme_block(data, source=None):
-    """The text between a device's README markers, written from a run's JSON."""
+def run_header(data):
+    """One sentence: when, where, which commit and which command."""
     dev, env = data["device"], data["environment"]
     commit = str(env.get("git_commit", "unknown"))
     commit = commit[:12] + (" with local changes" if commit.endswith("-dirty") else "")
     load = (env.get("load_average") or {}).get("start")
     busy = f", load average {load[0]:g} at the start" if load else ""
-    head = (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads{busy}), torch {env.get('torch')}, "
-            f"commit {commit}, `python -m medkernels.bench --{data['mode']}`"
-            + (f"; figures in `{source}`" if source else "") + ":")
-    notes = "".join(f"\n- {n}" for n in data["settings"].get("notes", []))
-    return f"{head}\n{notes}\n\n{format_run(data, markdown=True)}"
+    return (f"Measured {data['started'][:10]} on {dev['name']} ({dev['threads']} threads{busy}), torch "
+            f"{env.get('torch')}, commit {commit}, `python -m benchmarks --{data['mode']}`")
 
 
-def update_readme(path, data, source=None):
-    """Replace what lies between ``<!-- bench:<type> -->`` and ``<!-- /bench:<type> -->``, nothing else."""
-    kind = data["device"]["type"]
+def markdown_report(data, source=None):
+    """The whole run as Markdown: the header, the notes and a table of every row (``<device>.md``)."""
+    dev = data["device"]
+    notes = "".join(f"- {n}\n" for n in data["settings"].get("notes", []))
+    src = f" Generated from `{source}` by `python -m benchmarks`; do not edit." if source else ""
+    return (f"# medkernels benchmarks: {dev['name']} ({dev['type']})\n\n{run_header(data)}.{src}\n\n"
+            f"{notes}\n{format_run(data, markdown=True)}\n")
+
+
+# the providers that are medkernels' own kernels (every other op provider is a baseline)
+KERNEL_PROVIDERS = ("cpu", "cuda", "triton")
+SUMMARY_MAX_ROWS = 12
+
+
+def main_provider(data):
+    """The medkernels provider a user of the device gets: the ``cuda`` kernels on a GPU, else ``cpu``."""
+    return "cuda" if data["device"]["type"] == "cuda" else "cpu"
+
+
+def _is_op_baseline(provider):
+    return provider.split("-")[0] not in KERNEL_PROVIDERS
+
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def headline_speedups(data):
+    """The speed-ups a reader looks for, as [{"kind": "op"|"network", "name", "pass", "baseline", "geomean",
+    "min", "max", "n", "what"}]: each op's main medkernels provider against each baseline over the stage shapes
+    it ran at (both passes), and each network's ``medkernels`` float32 rows against each float32 baseline (the
+    largest inference batch and the training step). Only rows where both sides ran count."""
+    out = []
+    main = main_provider(data)
+    groups = {}  # (op, pass) -> {label: {provider: row}}
+    for row in data["op_rows"]:
+        if row["status"] == "ok":
+            groups.setdefault((row["op"], row["pass"]), {}).setdefault(row["label"], {})[row["provider"]] = row
+    for (op, pass_name), by_label in groups.items():
+        baselines = sorted({p for rows in by_label.values() for p in rows if _is_op_baseline(p)})
+        for base in baselines:
+            ratios = [rows[base]["median_s"] / rows[main]["median_s"] for rows in by_label.values()
+                      if main in rows and base in rows]
+            if ratios:
+                out.append({"kind": "op", "name": op, "pass": pass_name, "provider": main, "baseline": base,
+                            "geomean": _geomean(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios),
+                            "what": f"{len(ratios)} stage shape{'s' if len(ratios) > 1 else ''}"})
+    for name, pass_name, batch, rows in network_groups(data):
+        mk = rows.get("medkernels")
+        for base, row in rows.items():
+            if " " in base or base == "medkernels" or mk is None or mk["status"] != "ok" or row["status"] != "ok":
+                continue
+            ratio = row["median_s"] / mk["median_s"]
+            out.append({"kind": "network", "name": name, "pass": pass_name, "provider": "medkernels", "baseline": base,
+                        "geomean": ratio, "min": ratio, "max": ratio, "n": 1, "what": f"batch {batch}"})
+    return out
+
+
+def network_groups(data):
+    """[(network, pass, batch, {provider: row})] for the largest inference batch and the training step."""
+    groups = {}
+    for row in data["model_rows"]:
+        groups.setdefault((row["op"], row["pass"], row.get("batch")), {})[row["provider"]] = row
+    largest = {}
+    for (name, pass_name, batch) in groups:
+        key = (name, pass_name)
+        if batch is not None and (key not in largest or batch > largest[key]):
+            largest[key] = batch
+    return [(name, pass_name, batch, groups[(name, pass_name, batch)])
+            for (name, pass_name), batch in largest.items()]
+
+
+def _why(row):
+    note = (row.get("note") or "").split(":")[0] if row["status"] == "failed" else "skipped"
+    return f"{row['status']}" + (f" ({note})" if row["status"] == "failed" and note else "")
+
+
+def summary_table(data):
+    """At most SUMMARY_MAX_ROWS Markdown rows: the networks (medkernels against its main baseline, inference and
+    training), then each op's forward+backward speed-up of the main medkernels provider (op_headlines)."""
+    head = ["", "pass", "shape", "medkernels", "baseline", "speed-up"]
+    lines = []
+    for name, pass_name, batch, rows in network_groups(data):
+        mk = rows.get("medkernels")
+        base_name = next((b for b in ("ref", "mambapy", "official") if b in rows and rows[b]["status"] == "ok"),
+                         next((b for b in ("ref", "mambapy", "official") if b in rows), None))
+        base = rows.get(base_name) if base_name else None
+        size = (mk or base or {}).get("size")
+
+        def cell(row, label):
+            if row is None:
+                return "-"
+            if row["status"] != "ok":
+                return f"{label}: {_why(row)}"
+            rate = f", {row['images_per_s']:.1f} img/s" if row.get("images_per_s") else ""
+            return f"{label}: {_ms(row['median_s'])} ms{rate}"
+
+        ok = mk is not None and base is not None and mk["status"] == "ok" and base["status"] == "ok"
+        lines.append([f"**{name}**", pass_name, f"batch {batch}" + (f", {size}x{size}" if size else ""),
+                      cell(mk, "medkernels"), cell(base, base_name) if base_name else "-",
+                      f"**{base['median_s'] / mk['median_s']:.2f}x**" if ok else "-"])
+    for h in op_headlines(data):
+        spread = f" ({h['min']:.2f}x-{h['max']:.2f}x)" if h["n"] > 1 else ""
+        lines.append([f"`{h['name']}`", h["pass"], h["what"], h["provider"], h["baseline"],
+                      f"**{h['geomean']:.2f}x**{spread}"])
+    lines = lines[:SUMMARY_MAX_ROWS]
+    md = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    return "\n".join([md(head), "|" + "---|" * len(head)] + [md(c) for c in lines])
+
+
+FWD_BWD_PASS = "forward+backward"
+# which baseline an op's headline is against, when several ran at as many shapes
+BASELINE_PREFERENCE = ("mambapy", "mamba_ssm", "pytorch", "eager", "ref", "compile", "ref-compiled")
+
+
+def op_headlines(data):
+    """One headline per op: forward+backward of the main medkernels provider against the baseline that ran at
+    the most stage shapes (ties: BASELINE_PREFERENCE), geometric mean over those shapes."""
+    best = {}
+    for h in headline_speedups(data):
+        if h["kind"] != "op" or h["pass"] != FWD_BWD_PASS:
+            continue
+        rank = BASELINE_PREFERENCE.index(h["baseline"]) if h["baseline"] in BASELINE_PREFERENCE else 99
+        key = (-h["n"], rank)
+        if h["name"] not in best or key < best[h["name"]][0]:
+            best[h["name"]] = (key, h)
+    return [h for _, h in best.values()]
+
+
+def readme_block(data, source=None):
+    """The text between a device's README markers, written from a run's JSON: the headline rows and a link
+    to the generated table of every row (``<device>.md`` beside the JSON `source`)."""
+    head = run_header(data) + ":"
+    table = summary_table(data)
+    ops_missing = not data["op_rows"]
+    notes = []
+    if ops_missing:
+        notes.append("the ops were not timed in this run (`--ops` given no name)")
+    if source:
+        md = source[: -len(".json")] + ".md" if source.endswith(".json") else source + ".md"
+        png = md[: -len(".md")] + ".png"
+        notes.append(f"every row (all providers, precisions, batches, errors): [`{md}`]({md}); plot: "
+                     f"[`{png}`]({png}); figures in `{source}`")
+    notes += data["settings"].get("notes", [])
+    return f"{head}\n\n{table}\n\n" + "".join(f"- {n}\n" for n in notes).rstrip("\n")
+
+
+def update_readme(path, data, source=None, kind=None, block=None):
+    """Replace what lies between ``<!-- bench:<type> -->`` and ``<!-- /bench:<type> -->``, nothing else: with
+    the block of the run `data`, or (data None) with `block` for device type `kind`."""
+    kind = kind or data["device"]["type"]
     begin, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
     with open(path) as f:
         text = f.read()
@@ -230,4 +376,4 @@ def update_readme(path, data, source=None):
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(f"{head}{begin}\n{readme_block(data, source)}\n{end}{tail}")
+        f.write(f"{head}{begin}\n{readme_block(data, source) if data is not None else block}\n{end}{tail}")

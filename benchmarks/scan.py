@@ -9,12 +9,14 @@ GPU mamba_ssm's ``selective_scan_fn`` (when installed). SS2D also has each backe
 import torch
 import torch.nn.functional as F
 
-from . import _backend, ops
-from .bench_op import FWD_BWD, forward_backward, run_op_bench, status_row
-from .bench_timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb
-from .ops.cross_scan_ref import cross_merge_ref, cross_scan_ref, direction_order
-from .ops.selective_scan_ref import selective_scan_ref
-from .ops.ss2d_scan_ref import ss2d_scan_ref
+from medkernels import ops
+from medkernels.ops.cross_scan_ref import cross_merge_ref, cross_scan_ref, direction_order
+from medkernels.ops.selective_scan_ref import selective_scan_ref
+from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref
+
+from .common import compiled, importable, kernel_backends, on_backend
+from .op import FWD_BWD, Case, forward_backward, run_op_bench, status_row
+from .timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb
 
 # MedMamba-T at 224x224, per stage: (stage, d_inner of its SS2D, feature map side). SS2D's d_inner is the
 # stage's dim (half the channels go to SS2D, which expands them by 2); its scan runs on 4 * d_inner channels.
@@ -96,14 +98,6 @@ def _scan_args(t):
     return t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"]
 
 
-def _on_backend(backend, fn):
-    def call(t):
-        with _backend.use_backend(backend):
-            return fn(t)
-
-    return call
-
-
 def _op_scan(t):
     return ops.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["delta_bias"],
                               delta_softplus=True)
@@ -113,41 +107,12 @@ def _ref_scan(t):
     return selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], None, t["delta_bias"], True)[0]
 
 
-def _triton_assoc(fn):
-    """The Triton backend with its associative-scan forward walk instead of the default sequential one."""
-    from .kernels import selective_scan as triton_scan
-
-    def call(t):
-        previous = triton_scan.set_forward_method("assoc")
-        try:
-            with _backend.use_backend("triton"):
-                return fn(t)
-        finally:
-            triton_scan.set_forward_method(previous)
-
-    return call
-
-
-def _importable(module):
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
-
-
-def _kernel_backends(device):
-    from .bench import backends_for
-
-    return [b for b in backends_for(device) if b != "ref"]
-
-
 def _external(device):
     """The non-medkernels scan providers for `device`: name -> reason it cannot run (None when it can)."""
     if device.type == "cpu":
-        return {"mambapy": None if _importable("mambapy.pscan") else
+        return {"mambapy": None if importable("mambapy.pscan") else
                 "mambapy is not installed (pip install -r requirements-bench.txt)"}
-    return {"mamba_ssm": None if _importable("mamba_ssm.ops.selective_scan_interface") else
+    return {"mamba_ssm": None if importable("mamba_ssm.ops.selective_scan_interface") else
             "mamba_ssm is not installed"}
 
 
@@ -166,11 +131,6 @@ def ref_backward_skip_reason(device, batch, dim, L, N):
         return (f"skipped: the reference's autograd backward writes an (L, batch, dim, N) gradient per step "
                 f"(~{4 * cost / 1e12:.1f} TB at L = {L}); baseline falls back to the next provider")
     return None
-
-
-def _compiled(fn):
-    """torch.compile of `fn`, compiled on its first call (which run_op_bench times as first_call_s)."""
-    return torch.compile(fn, dynamic=False)
 
 
 def _not_run(t):
@@ -200,17 +160,15 @@ def _memory(op, shape, device):
             return cuda_peak_mb(call, device)
         if name.endswith("-compiled"):
             return None
-        return child_peak_mb("medkernels.bench_scan:memory_step", {"op": op, "provider": name, "shape": shape})
+        return child_peak_mb("benchmarks.scan:memory_step", {"op": op, "provider": name, "shape": shape})
 
     return measure
 
 
 def scan_providers(device):
-    providers = {"ref": _on_backend("ref", _op_scan), "ref-compiled": _compiled(_ref_scan)}
-    for backend in _kernel_backends(device):
-        providers[backend] = _on_backend(backend, _op_scan)
-        if backend == "triton":
-            providers["triton-assoc"] = _triton_assoc(_op_scan)
+    providers = {"ref": on_backend("ref", _op_scan), "ref-compiled": compiled(_ref_scan)}
+    for backend in kernel_backends(device):
+        providers[backend] = on_backend(backend, _op_scan)
     for name, reason in _external(device).items():
         if reason is None:
             providers[name] = (lambda t: mambapy_scan(*_scan_args(t))) if name == "mambapy" else \
@@ -254,10 +212,10 @@ def _external_ss2d(scan):
 
 
 def ss2d_providers(device):
-    providers = {"ref": _on_backend("ref", _fused_ss2d), "ref-compiled": _compiled(_ref_ss2d)}
-    for backend in _kernel_backends(device):
-        providers[backend] = _on_backend(backend, _fused_ss2d)
-        providers[f"{backend}-unfused"] = _on_backend(backend, _unfused_ss2d)
+    providers = {"ref": on_backend("ref", _fused_ss2d), "ref-compiled": compiled(_ref_ss2d)}
+    for backend in kernel_backends(device):
+        providers[backend] = on_backend(backend, _fused_ss2d)
+        providers[f"{backend}-unfused"] = on_backend(backend, _unfused_ss2d)
     for name, reason in _external(device).items():
         if reason is None:
             providers[name] = _external_ss2d(mambapy_scan if name == "mambapy" else mamba_ssm_scan)
@@ -265,10 +223,10 @@ def ss2d_providers(device):
 
 
 def cross_scan_providers(device):
-    providers = {"ref": _on_backend("ref", lambda t: ops.cross_scan(t["x"])),
-                 "ref-compiled": _compiled(lambda t: cross_scan_ref(t["x"]))}
-    for backend in _kernel_backends(device):
-        providers[backend] = _on_backend(backend, lambda t: ops.cross_scan(t["x"]))
+    providers = {"ref": on_backend("ref", lambda t: ops.cross_scan(t["x"])),
+                 "ref-compiled": compiled(lambda t: cross_scan_ref(t["x"]))}
+    for backend in kernel_backends(device):
+        providers[backend] = on_backend(backend, lambda t: ops.cross_scan(t["x"]))
     return providers
 
 
@@ -281,6 +239,10 @@ def memory_step(op, provider, shape):
     with torch.no_grad():
         grad = torch.randn_like(fn(inputs))
     return lambda: forward_backward(fn, inputs, grad)
+
+
+def cross_shape(stage, d_inner, side):
+    return {"batch": BATCH, "dim": d_inner, "H": side, "W": side}
 
 
 def cross_inputs(device, batch, dim, H, W):
@@ -335,6 +297,42 @@ def bench_ss2d(device, time_call, warmup, repeats, quick=True, shapes=None, memo
 
 def bench_cross_scan(device, time_call, warmup, repeats, quick=True, shapes=None, memory=False):
     device = torch.device(device)
-    make_shape = lambda stage, d_inner, side: {"batch": BATCH, "dim": d_inner, "H": side, "W": side}  # noqa: E731
-    return _run_stages("cross_scan", make_shape, cross_inputs, cross_scan_providers, device, time_call, warmup,
+    return _run_stages("cross_scan", cross_shape, cross_inputs, cross_scan_providers, device, time_call, warmup,
                        repeats, quick, memory, shapes, lambda s: None, lambda L: None)
+
+
+# the pytest-benchmark cases (registry.OPS): the CLI's shapes, providers and skip rules, one Case per stage
+
+
+def _stage_case(op, stage, make_shape, make_inputs, make_providers, device, quick, ref_bwd):
+    shape = make_shape(*stage)
+    providers = make_providers(device)
+    L = shape.get("L", shape.get("H", 1) * shape.get("W", 1))
+    external = _external(device) if op != "cross_scan" else {}
+    skip = _skips(providers, device, L, compile_skip_reason(device, quick, L) if op != "cross_scan" else None,
+                  ref_bwd(shape), external)
+    return Case(op, f"stage{stage[0]}", lambda: make_inputs(device, **shape), providers, skip)
+
+
+def _selected(stages):
+    return [s for s in MEDMAMBA_T_STAGES if s[0] in stages]
+
+
+def selective_scan_cases(device, stages, quick):
+    device = torch.device(device)
+    return [_stage_case("selective_scan", st, scan_shape, scan_inputs, scan_providers, device, quick,
+                        lambda s: ref_backward_skip_reason(device, s["batch"], s["dim"], s["L"], s["N"]))
+            for st in _selected(stages)]
+
+
+def ss2d_cases(device, stages, quick):
+    device = torch.device(device)
+    return [_stage_case("ss2d_scan", st, ss2d_shape, ss2d_inputs, ss2d_providers, device, quick,
+                        lambda s: ref_backward_skip_reason(device, s["batch"], 4 * s["dim"], s["H"] * s["W"], s["N"]))
+            for st in _selected(stages)]
+
+
+def cross_scan_cases(device, stages, quick):
+    device = torch.device(device)
+    return [_stage_case("cross_scan", st, cross_shape, cross_inputs, cross_scan_providers, device, quick,
+                        lambda s: None) for st in _selected(stages)]

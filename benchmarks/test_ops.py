@@ -5,10 +5,9 @@ Each timed call synchronises the device before returning, so GPU kernels are tim
 import pytest
 import torch
 
-from medkernels.bench_op import FORWARD, FWD_BWD, forward_backward, max_abs_diff
-from medkernels.bench_timing import sync
-
-import op_cases
+from . import op_cases
+from .op import FORWARD, FWD_BWD, max_abs_diff
+from .timing import sync
 
 
 def _device(config):
@@ -54,7 +53,7 @@ def test_op(benchmark, request, case, pass_name, provider):
             grad = torch.randn_like(fn(inputs))
 
         def run():
-            out = forward_backward(fn, inputs, grad)
+            out = case.forward_backward(fn, inputs, grad)
             sync(device)
             return out
 

@@ -1,6 +1,7 @@
 """Timing and memory primitives of the benchmark suite: warm-up plus timed repeats (CUDA events on GPU),
 peak memory (GPU allocator peak, or a fresh child process's resident-set high-water mark on CPU)."""
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import time
 
 import torch
+
+from .common import REPO_ROOT
 
 
 def sync(device):
@@ -106,10 +109,14 @@ def child_peak_mb(target, kwargs, timeout=900):
     measured step), so that building the model and inputs is not counted.
     """
     code = (
-        "import json; from medkernels.bench_timing import _child_main; "
+        "import json; from benchmarks.timing import _child_main; "
         f"print(json.dumps(_child_main({target!r}, {json.dumps(kwargs)!r})))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    # the child imports `benchmarks` (and `target`'s module) from the repository root, wherever it is started
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                         cwd=REPO_ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"peak-memory child for {target} failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

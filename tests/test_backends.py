@@ -155,7 +155,7 @@ print("ok")
 
 
 def test_auto_runs_pytorch_where_the_kernels_measured_slower(monkeypatch):
-    # the depthwise kernels lost to cuDNN on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-depthwise.txt):
+    # the depthwise kernels lost to cuDNN on an H100 (benchmarks/results/archive/nvidia-h100-80gb-hbm3-depthwise.txt):
     # auto takes the reference on CUDA tensors, an explicit request still gets its kernels, CPU is unchanged
     from medkernels.ops.depthwise_conv import DEPTHWISE_CONV2D
     from medkernels.ops.depthwise_layernorm import DEPTHWISE_CONV2D_LAYERNORM

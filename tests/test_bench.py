@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from medkernels import bench, bench_models, bench_registry, bench_report, bench_scan
-from medkernels.bench_op import run_op_bench
-from medkernels.bench_progress import Progress
+from benchmarks import cli, networks, registry, report, scan
+from benchmarks.op import run_op_bench
+from benchmarks.progress import Progress
 
 TINY_SCAN = [{"batch": 1, "dim": 4, "L": 12, "N": 4, "G": 2}]
 TINY_SS2D = [{"batch": 1, "dim": 2, "H": 3, "W": 4, "N": 2}]
@@ -17,11 +17,11 @@ TINY_MODEL = {"size": 32, "infer_batches": (1,), "train_batch": 2, "compile": Fa
 
 
 def _tiny_scan(device, time_call, warmup, repeats, quick=True):
-    return bench_scan.bench_selective_scan(device, time_call, warmup, repeats, quick, shapes=TINY_SCAN, memory=False)
+    return scan.bench_selective_scan(device, time_call, warmup, repeats, quick, shapes=TINY_SCAN, memory=False)
 
 
 def _tiny_ss2d(device, time_call, warmup, repeats, quick=True):
-    return bench_scan.bench_ss2d(device, time_call, warmup, repeats, quick, shapes=TINY_SS2D, memory=False)
+    return scan.bench_ss2d(device, time_call, warmup, repeats, quick, shapes=TINY_SS2D, memory=False)
 
 
 def _tiny_network(name, device):
@@ -30,14 +30,14 @@ def _tiny_network(name, device):
 
     torch.manual_seed(0)
     if name == "hifuse_tiny":
-        return HiFuse(num_classes=bench_models.NUM_CLASSES, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+        return HiFuse(num_classes=networks.NUM_CLASSES, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                       conv_depths=(1, 1, 1, 1), conv_dims=(16, 32, 64, 128)).to(device)
-    return MedMamba(num_classes=bench_models.NUM_CLASSES, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), drop_path_rate=0.0).to(device)
+    return MedMamba(num_classes=networks.NUM_CLASSES, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), drop_path_rate=0.0).to(device)
 
 
 def _tiny_model(name):
     def run(device, time_call, warmup, repeats, quick=True):
-        return bench_models.bench_model(name, device, time_call, warmup, repeats, quick, cfg=TINY_MODEL,
+        return networks.bench_model(name, device, time_call, warmup, repeats, quick, cfg=TINY_MODEL,
                                         build=lambda d: _tiny_network(name, d))
 
     return run
@@ -48,16 +48,16 @@ def run(tmp_path_factory):
     """One tiny run of the whole CLI: two op benchmarks, a missing op module, both networks."""
     out = tmp_path_factory.mktemp("bench") / "run.json"
     patch = pytest.MonkeyPatch()
-    patch.setattr(bench_registry, "OP_BENCHES", {"selective_scan": _tiny_scan, "ss2d_scan": _tiny_ss2d,
-                                                 "depthwise_conv2d": "medkernels.bench_not_here:bench"})
-    patch.setattr(bench_registry, "MODEL_BENCHES", {m: _tiny_model(m) for m in ("hifuse_tiny", "medmamba_t")})
-    patch.setattr(bench, "OP_BENCHES", bench_registry.OP_BENCHES)
-    patch.setattr(bench, "MODEL_BENCHES", bench_registry.MODEL_BENCHES)
+    patch.setattr(registry, "OP_BENCHES", {"selective_scan": _tiny_scan, "ss2d_scan": _tiny_ss2d,
+                                                 "depthwise_conv2d": "benchmarks.not_here:bench"})
+    patch.setattr(registry, "MODEL_BENCHES", {m: _tiny_model(m) for m in ("hifuse_tiny", "medmamba_t")})
+    patch.setattr(cli, "OP_BENCHES", registry.OP_BENCHES)
+    patch.setattr(cli, "MODEL_BENCHES", registry.MODEL_BENCHES)
     stdout, stderr = io.StringIO(), io.StringIO()
     with patch.context() as p:
         p.setattr("sys.stdout", stdout)
         p.setattr("sys.stderr", stderr)
-        code = bench.main(["--quick", "--device", "cpu", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+        code = cli.main(["--quick", "--device", "cpu", "--warmup", "1", "--repeats", "2", "--out", str(out)])
     patch.undo()
     return {"code": code, "path": out, "data": json.loads(out.read_text()), "stdout": stdout.getvalue(),
             "stderr": stderr.getvalue()}
@@ -66,15 +66,15 @@ def run(tmp_path_factory):
 def test_the_json_is_well_formed(run):
     assert run["code"] == 0
     data = run["data"]
-    assert bench_report.check_schema(data) == []
-    assert bench_report.load_json(str(run["path"]))["schema"] == bench_report.SCHEMA
+    assert report.check_schema(data) == []
+    assert report.load_json(str(run["path"]))["schema"] == report.SCHEMA
     env = data["environment"]
     for key in ("torch", "python", "medkernels", "cpu", "threads", "git_commit", "backends", "load_average"):
         assert key in env
     assert data["mode"] == "quick" and data["device"]["type"] == "cpu" and data["device"]["slug"].startswith("cpu-")
     assert {r["op"] for r in data["op_rows"]} == {"selective_scan", "ss2d_scan"}
     assert {r["model"] for r in data["model_rows"]} == {"hifuse_tiny", "medmamba_t"}
-    assert {r["pass"] for r in data["model_rows"]} == {bench_models.INFERENCE, bench_models.TRAIN}
+    assert {r["pass"] for r in data["model_rows"]} == {networks.INFERENCE, networks.TRAIN}
 
 
 def test_ratios_are_the_measured_times_ratios(run):
@@ -87,7 +87,7 @@ def test_ratios_are_the_measured_times_ratios(run):
             base = next(r for r in rows if r["op"] == row["op"] and r["pass"] == row["pass"]
                         and r["label"] == row["label"] and r["provider"] == row["baseline"])
             assert row["speedup"] == pytest.approx(base["median_s"] / row["median_s"], rel=1e-12)
-            err, vs = bench_report.error_of(row)
+            err, vs = report.error_of(row)
             assert vs == row["baseline"] and err is not None
 
 
@@ -100,17 +100,17 @@ def test_rows_that_cannot_run_are_reported_not_dropped(run):
 
 def test_a_missing_op_module_is_skipped_with_a_note(run):
     assert run["data"]["unavailable"] == [{"kind": "op", "name": "depthwise_conv2d",
-                                           "reason": "skipped: medkernels.bench_not_here is not in this checkout"}]
+                                           "reason": "skipped: benchmarks.not_here is not in this checkout"}]
     assert "depthwise_conv2d skipped" in run["stderr"]
     assert "not run: op depthwise_conv2d" in run["stdout"]
 
 
 def test_registry_load():
-    assert bench_registry.load("medkernels.bench_scan:bench_selective_scan") is bench_scan.bench_selective_scan
-    with pytest.raises(bench_registry.BenchUnavailable, match="not in this checkout"):
-        bench_registry.load("medkernels.bench_absent:bench")
-    with pytest.raises(bench_registry.BenchUnavailable, match="has no"):
-        bench_registry.load("medkernels.bench_scan:no_such_function")
+    assert registry.load("benchmarks.scan:bench_selective_scan") is scan.bench_selective_scan
+    with pytest.raises(registry.BenchUnavailable, match="not in this checkout"):
+        registry.load("benchmarks.absent:bench")
+    with pytest.raises(registry.BenchUnavailable, match="has no"):
+        registry.load("benchmarks.scan:no_such_function")
 
 
 def test_progress_writes_plain_lines_when_not_a_tty(run):
@@ -131,6 +131,22 @@ def test_progress_writes_plain_lines_when_not_a_tty(run):
     assert "\r" in tty.getvalue() and "note: something skipped\n" in tty.getvalue()
 
 
+def test_every_row_is_in_the_markdown_beside_the_json(run):
+    md = run["path"].with_suffix(".md").read_text()
+    assert md.count("| selective_scan | ") == len([r for r in run["data"]["op_rows"] if r["op"] == "selective_scan"])
+    assert md.count("| medmamba_t | ") == len([r for r in run["data"]["model_rows"] if r["op"] == "medmamba_t"])
+
+
+def test_plot_from_redraws_without_timing(run, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is a benchmark dependency (requirements-bench.txt)")
+    copy = tmp_path / "again.json"
+    copy.write_text(run["path"].read_text())
+    assert cli.main(["--plot-from", str(copy)]) == 0
+    assert copy.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert copy.with_suffix(".md").read_text() == run["path"].with_suffix(".md").read_text().replace(
+        run["path"].name, copy.name)
+
+
 def test_plot_is_written(run):
     pytest.importorskip("matplotlib", reason="matplotlib is a benchmark dependency (requirements-bench.txt)")
     png = run["path"].with_suffix(".png")
@@ -141,16 +157,21 @@ def test_readme_from_json_replaces_only_the_marked_block(run, tmp_path):
     readme = tmp_path / "README.md"
     before = "intro\n<!-- bench:cpu -->\nold table\n<!-- /bench:cpu -->\nmiddle\n<!-- bench:cuda -->\nkeep\n<!-- /bench:cuda -->\n"
     readme.write_text(before)
-    assert bench.main(["--readme-from", str(run["path"]), "--update-readme", str(readme)]) == 0
+    assert cli.main(["--readme-from", str(run["path"]), "--update-readme", str(readme)]) == 0
     text = readme.read_text()
     head, block = text.split("<!-- bench:cpu -->\n")
     block, tail = block.split("<!-- /bench:cpu -->")
-    assert head == "intro\n" and tail == "\nmiddle\n<!-- bench:cuda -->\nkeep\n<!-- /bench:cuda -->\n"
+    assert head == "intro\n" and tail.startswith("\nmiddle\n<!-- bench:cuda -->\n")
     assert "old table" not in block and block.startswith(f"Measured {run['data']['started'][:10]} on ")
-    assert "| selective_scan | forward |" in block and "| medmamba_t | train step |" in block
+    # the summary: the networks' medkernels and baseline rows, each op's headline, a link to every row
+    assert "| **medmamba_t** | train step |" in block and "| **hifuse_tiny** | inference |" in block
+    assert "| `selective_scan` | forward+backward |" in block and "| `ss2d_scan` | forward+backward |" in block
+    assert block.count("\n| ") <= 2 + 12 and str(run["path"].with_suffix(".md")) in block
+    if not cli._recorded_cuda_runs():  # no CUDA run recorded: the cuda block says where the GPU records are
+        assert "No CUDA run is recorded" in tail and "keep" not in tail
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="bench:cpu"):
-        bench.main(["--readme-from", str(run["path"]), "--update-readme", str(readme)])
+        cli.main(["--readme-from", str(run["path"]), "--update-readme", str(readme)])
 
 
 def test_schema_check_finds_problems(run):
@@ -158,7 +179,7 @@ def test_schema_check_finds_problems(run):
     data["op_rows"][0].update(status="ok", median_s=None)
     data["op_rows"][1].update(status="skipped", note=None)
     del data["environment"]
-    problems = bench_report.check_schema(data)
+    problems = report.check_schema(data)
     assert any("environment" in p for p in problems)
     assert any("op_rows[0]" in p for p in problems) and any("op_rows[1]" in p for p in problems)
 
@@ -169,7 +190,7 @@ def test_a_failing_provider_is_a_failed_row():
 
     inputs = {"x": torch.randn(3, 4)}
     rows = run_op_bench("demo", {"n": 3}, inputs, {"ref": lambda t: t["x"] * 2, "broken": broken, "later": lambda t: t["x"]},
-                        torch.device("cpu"), bench.time_call, 0, 1, skip={("later", "forward"): "skipped: not today"})
+                        torch.device("cpu"), cli.time_call, 0, 1, skip={("later", "forward"): "skipped: not today"})
     by = {(r["provider"], r["pass"]): r for r in rows}
     assert by[("broken", "forward")]["status"] == "failed" and "kernel exploded" in by[("broken", "forward")]["note"]
     assert by[("later", "forward")]["status"] == "skipped" and by[("later", "forward+backward")]["status"] == "ok"
@@ -181,10 +202,10 @@ def test_stage_shapes_are_medmamba_t_at_224():
     from medkernels.nn.ss2d import SS2D
 
     model = medmamba_t(num_classes=2)
-    for (stage, d_inner, side), layer in zip(bench_scan.MEDMAMBA_T_STAGES, model.layers):
+    for (stage, d_inner, side), layer in zip(scan.MEDMAMBA_T_STAGES, model.layers):
         ss2d = [m for m in layer.modules() if isinstance(m, SS2D)]
         assert {m.d_inner for m in ss2d} == {d_inner} and side == 224 // 4 // 2 ** (stage - 1)
-        assert ss2d[0].d_state == bench_scan.N
+        assert ss2d[0].d_state == scan.N
 
 
 def test_official_ss2d_formulation_matches_the_fused_core():
@@ -194,15 +215,15 @@ def test_official_ss2d_formulation_matches_the_fused_core():
     torch.manual_seed(0)
     ss2d = SS2D(d_model=8, d_state=4)
     x = torch.randn(2, ss2d.d_inner, 3, 5)
-    official = bench_models._official_forward_core(
-        lambda u, delta, A, B, C, D, delta_bias: bench_scan._ref_scan(
+    official = networks._official_forward_core(
+        lambda u, delta, A, B, C, D, delta_bias: scan._ref_scan(
             {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}))
     with torch.no_grad():
         assert torch.allclose(official(ss2d, x).reshape(2, ss2d.d_inner, 15), ss2d.forward_core(x), atol=1e-5)
 
 
 def test_quick_caps_the_repeats_of_slow_rows_only():
-    from medkernels.bench_timing import repeats_within
+    from benchmarks.timing import repeats_within
 
     assert repeats_within(0.01, 3, budget_s=6.0) == 3
     assert repeats_within(10.0, 3, budget_s=6.0) == 2  # never below two timed calls
@@ -211,23 +232,23 @@ def test_quick_caps_the_repeats_of_slow_rows_only():
 
 def test_skip_rules_name_their_reason():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert "--quick" in bench_scan.compile_skip_reason(cpu, True, 49)
-    assert bench_scan.compile_skip_reason(cpu, False, 49) is None
-    assert "L = 3136" in bench_scan.compile_skip_reason(cuda, False, 3136)
-    assert "L = 3136" in bench_scan.ref_backward_skip_reason(cpu, 2, 384, 3136, 16)
-    assert bench_scan.ref_backward_skip_reason(cpu, 2, 3072, 49, 16) is None
-    assert bench_scan.ref_backward_skip_reason(cuda, 2, 384, 3136, 16) is None
+    assert "--quick" in scan.compile_skip_reason(cpu, True, 49)
+    assert scan.compile_skip_reason(cpu, False, 49) is None
+    assert "L = 3136" in scan.compile_skip_reason(cuda, False, 3136)
+    assert "L = 3136" in scan.ref_backward_skip_reason(cpu, 2, 384, 3136, 16)
+    assert scan.ref_backward_skip_reason(cpu, 2, 3072, 49, 16) is None
+    assert scan.ref_backward_skip_reason(cuda, 2, 384, 3136, 16) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 def test_asking_for_cuda_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--device", "cuda", "--no-json"])
+        cli.main(["--device", "cuda", "--no-json"])
     assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_providers_are_timed_round_by_round():
-    from medkernels.bench_timing import time_interleaved
+    from benchmarks.timing import time_interleaved
 
     order = []
     fake_times = {"a": 1.0, "b": 3.0}

@@ -1,12 +1,13 @@
 """The HFF benchmark harness (no timing is asserted): rows are complete and consistent with the measured times."""
 import torch
 
-from medkernels import bench, bench_hff
+from benchmarks import hff as bench_hff
+from benchmarks.timing import time_call
 
 
 def test_hff_bench_rows_are_consistent():
     device = torch.device("cpu")
-    rows = bench_hff.bench_hff(device, bench.time_call, 0, 2, quick=True, scales=((32, 5),), batch=2)
+    rows = bench_hff.bench_hff(device, time_call, 0, 2, quick=True, scales=((32, 5),), batch=2)
     providers = set(bench_hff.hff_providers(device))
     assert {r["provider"] for r in rows if r["op"] == "hff_attention_tail"} == providers
     assert {r["provider"] for r in rows if r["op"] == "hff_block"} == providers - {"compile"}
@@ -20,12 +21,10 @@ def test_hff_bench_rows_are_consistent():
         assert row["repeats"] == (2 if row["op"] == "hff_attention_tail" else 1)  # quick: the block gets half
         assert row["shape"] == {"batch": 2, "channels": 32, "H": 5, "W": 5, "dtype": "float32"}
         assert row["max_abs_err_vs_ref"] < 1e-4, row
-    table = bench_hff.format_rows(rows)
-    assert table.count("\n") == len(rows) + 1 and "hff_attention_tail  forward" in table
 
 
 def test_hff_providers_are_timed_interleaved():
-    # every timed call is a single one (warm-up 0, repeats 1) made by bench_timing.time_interleaved
+    # every timed call is a single one (warm-up 0, repeats 1) made by benchmarks.timing.time_interleaved
     calls = []
 
     def time_call(fn, device, warmup, repeats):
@@ -37,18 +36,25 @@ def test_hff_providers_are_timed_interleaved():
     assert calls and set(calls) == {(0, 1)}
 
 
-def test_hff_bench_main_writes_json(tmp_path, monkeypatch, capsys):
-    """python -m medkernels.bench_hff --json FILE: the printed table and the JSON file hold the same rows (the
-    benchmark itself shrunk to one tiny scale)."""
+def test_hff_rows_join_the_run_json(tmp_path, monkeypatch, capsys):
+    """python -m benchmarks --ops hff_attention: the HFF rows land in the run's JSON as op_rows and in the
+    Markdown table beside it (the benchmark itself shrunk to one tiny scale)."""
     import functools
     import json
 
+    from benchmarks import cli, registry, report
+
     tiny = functools.partial(bench_hff.bench_hff, scales=((16, 4),), batch=2)
-    monkeypatch.setattr(bench_hff, "bench_hff", lambda device, time_call, warmup, repeats, quick, dtypes: tiny(
-        device, time_call, warmup, repeats, quick=quick, dtypes=dtypes))
-    path = tmp_path / "hff.json"
-    assert bench_hff.main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--json", str(path)]) == 0
-    record = json.loads(path.read_text())
-    assert record["device"] == "cpu" and record["args"]["repeats"] == 1 and record["threads"] == torch.get_num_threads()
-    assert {"op", "pass", "provider", "median_s"} <= set(record["rows"][0])
-    assert bench_hff.format_rows(record["rows"]).splitlines()[0] in capsys.readouterr().out
+    monkeypatch.setattr(registry, "OP_BENCHES", {"hff_attention": tiny})
+    monkeypatch.setattr(cli, "OP_BENCHES", registry.OP_BENCHES)
+    path = tmp_path / "run.json"
+    assert cli.main(["--device", "cpu", "--ops", "hff_attention", "--models", "--warmup", "0", "--repeats", "1",
+                     "--no-plot", "--no-progress", "--out", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert report.check_schema(data) == []
+    assert {r["op"] for r in data["op_rows"]} == {"hff_attention_tail", "hff_block"} and not data["model_rows"]
+    assert all(r["repeats"] == 1 and r["status"] == "ok" for r in data["op_rows"])
+    md = path.with_suffix(".md").read_text()
+    assert "| hff_attention_tail | forward |" in md and md.count("| hff_block |") == len(bench_hff.hff_providers(
+        torch.device("cpu")))
+    assert not list(tmp_path.glob("*.txt"))
