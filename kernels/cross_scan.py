@@ -25,15 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cross_scan_fwd", "cross_merge_fwd", "SUPPORTED_DTYPES", "MAX_BLOCK_L"]
+from ._utils import MAX_GRID_0, MAX_GRID_1, SUPPORTED_DTYPES, check_device, interpreted, launch, round_to_bf16
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["cross_scan_fwd", "cross_merge_fwd", "SUPPORTED_DTYPES", "MAX_BLOCK_L"]
 
 # Elements (rows x pixels) one program handles on a GPU.
 MAX_BLOCK_L = 1024
-# Grid limits of CUDA: axis 0 (rows) up to 2**31 - 1 programs, axis 1 (blocks of L) up to 65535.
-_MAX_GRID_0 = 2**31 - 1
-_MAX_GRID_1 = 65535
 
 
 @triton.jit
@@ -43,22 +40,6 @@ def _scan_positions(p, H, W, L):
     w = p - h * W
     col = w * H + h
     return p, col, L - 1 - p, L - 1 - col
-
-
-@triton.jit
-def _round_to_bf16(v):
-    """float32 -> bfloat16, rounding to nearest even with integer ops.
-
-    Same result as the hardware conversion on a GPU; Triton's interpreter would truncate instead.
-    """
-    bits = v.to(tl.uint32, bitcast=True)
-    upper = bits >> 16
-    lower = bits & 0xFFFF
-    round_up = (lower > 0x8000) | ((lower == 0x8000) & ((upper & 1) == 1))
-    rounded = (upper + round_up.to(tl.uint32)) << 16
-    # NaN: keep it a (quiet) NaN rather than letting the rounding carry change it.
-    bits = tl.where(v != v, (upper | 0x40) << 16, rounded)
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
 @triton.jit
@@ -93,15 +74,10 @@ def _cross_merge_fwd_kernel(
     acc += tl.load(y_ptr + ((b * 4 + 2) * C + c) * L + pos2, mask=mask, other=0.0).to(ACC_DTYPE)
     acc += tl.load(y_ptr + ((b * 4 + 3) * C + c) * L + pos3, mask=mask, other=0.0).to(ACC_DTYPE)
     if x_ptr.dtype.element_ty == tl.bfloat16:
-        out = _round_to_bf16(acc)
+        out = round_to_bf16(acc)
     else:
         out = acc.to(x_ptr.dtype.element_ty)
     tl.store(x_ptr + row * L + p, out, mask=mask)
-
-
-def _interpreted():
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_cross_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _check_input(t, op, arg, rank, layout):
@@ -116,34 +92,22 @@ def _check_input(t, op, arg, rank, layout):
         raise TypeError(f"{op}: expected {arg} to have dtype float16, bfloat16, float32 or float64, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: expected {arg} to be contiguous (call .contiguous() first), got strides {t.stride()}")
-    if t.device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            f"{op}: expected {arg} to be a CUDA tensor, got a tensor on {t.device} "
-            "(CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing medkernels)"
-        )
+    check_device(t, op, arg)
 
 
 def _blocks(rows, L):
     """Tile sizes (BLOCK_R rows, BLOCK_L pixels): about a thousand elements a program on a GPU; the
     interpreter pays per program, so there a program takes a large tile instead."""
-    if _interpreted():
+    if interpreted():
         return min(64, triton.next_power_of_2(rows)), max(16, min(4096, triton.next_power_of_2(L)))
     return 4, max(16, min(MAX_BLOCK_L // 4, triton.next_power_of_2(L)))
 
 
 def _grid(rows, L, block_r, block_l, op):
     grid = (triton.cdiv(rows, block_r), triton.cdiv(L, block_l))
-    if grid[0] > _MAX_GRID_0 or grid[1] > _MAX_GRID_1:
+    if grid[0] > MAX_GRID_0 or grid[1] > MAX_GRID_1:
         raise ValueError(f"{op}: the input is too large for one launch (grid {grid})")
     return grid
-
-
-def _launch(kernel, grid, device, *args, **meta):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
 
 
 def cross_scan_fwd(x):
@@ -156,7 +120,7 @@ def cross_scan_fwd(x):
         return y
     block_r, block_l = _blocks(B * C, L)
     grid = _grid(B * C, L, block_r, block_l, "cross_scan_fwd")
-    _launch(_cross_scan_fwd_kernel, grid, x.device, x, y, B * C, C, H, W, L, BLOCK_R=block_r, BLOCK_L=block_l)
+    launch(_cross_scan_fwd_kernel, grid, x.device, x, y, B * C, C, H, W, L, BLOCK_R=block_r, BLOCK_L=block_l)
     return y
 
 
@@ -176,6 +140,6 @@ def cross_merge_fwd(y):
     block_r, block_l = _blocks(B * C, L)
     grid = _grid(B * C, L, block_r, block_l, "cross_merge_fwd")
     acc_dtype = tl.float64 if y.dtype == torch.float64 else tl.float32
-    _launch(_cross_merge_fwd_kernel, grid, y.device, y, x, B * C, C, H, W, L,
+    launch(_cross_merge_fwd_kernel, grid, y.device, y, x, B * C, C, H, W, L,
             BLOCK_R=block_r, BLOCK_L=block_l, ACC_DTYPE=acc_dtype)
     return x

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_scan import _round_to_bf16
+from ._utils import (MAX_GRID_1, SUPPORTED_DTYPES, acc_dtype, check_device, interpreted, launch, store_as,
+                     tl_acc_dtype)
 
 __all__ = [
     "depthwise_conv2d_fwd",
@@ -35,10 +36,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATION_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
 MAX_KERNEL = 31
-_MAX_GRID_1 = 65535
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,15 +71,6 @@ def _activation_grad(z, ACT: tl.constexpr):
     else:
         d = tl.full(z.shape, 1.0, z.dtype)
     return d
-
-
-@triton.jit
-def _store(ptr, value, mask):
-    """Store in ptr's dtype; bfloat16 rounds to nearest even (the interpreter would truncate)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr, _round_to_bf16(value.to(tl.float32)), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,7 +131,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, Ho, Wo, n_pblocks, stride
     z = _conv_tile(x_ptr + b * sxb, w_ptr, b_ptr, sxc, sxh, sxw, offs_c, mask_c, oh, ow, mask_p, H, W,
                    stride, padding, K, HAS_BIAS, BLOCK_P, BLOCK_C, ACC)
     ptrs = out_ptr + b * sob + oh[:, None] * soh + ow[:, None] * sow + offs_c[None, :] * soc
-    _store(ptrs, _activation(z, ACT), mask_p[:, None] & mask_c[None, :])
+    store_as(ptrs, _activation(z, ACT), mask_p[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -184,7 +174,7 @@ def _bwd_gx_kernel(gz_ptr, w_ptr, gx_ptr, C, H, W, Ho, Wo, n_pblocks, stride, pa
             wv = tl.load(w_ptr + offs_c * (K * K) + (i * K + j), mask=mask_c, other=0.0).to(ACC)
             acc += v * wv[None, :]
     ptrs = gx_ptr + b * sxb + ih[:, None] * sxh + iw[:, None] * sxw + offs_c[None, :] * sxc
-    _store(ptrs, acc, mask_p[:, None] & mask_c[None, :])
+    store_as(ptrs, acc, mask_p[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -210,7 +200,7 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr, C, H, W, Ho, 
         y = y * tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
     if HAS_LNB:
         y = y + tl.load(lnb_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
-    _store(out_ptr + (b * Ho * Wo + offs_p[:, None]) * C + offs_c[None, :], y, mask)
+    store_as(out_ptr + (b * Ho * Wo + offs_p[:, None]) * C + offs_c[None, :], y, mask)
 
 
 @triton.jit
@@ -245,19 +235,12 @@ def _ln_bwd_gz_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, g_ptr, gz_ptr, gw_part_ptr, 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-def _interpreted():
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _check(op, x, weight, bias, stride, padding, extra=()):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: expected x to be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: expected x to have dtype float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"{op}: expected x to be a CUDA tensor, got a tensor on {x.device} "
-                         "(CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing medkernels)")
+    check_device(x, op, "x")
     C = x.shape[1]
     if weight.dim() != 4 or tuple(weight.shape[:2]) != (C, 1) or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"{op}: expected weight of shape (C, 1, k, k) with C = {C}, got {tuple(weight.shape)}")
@@ -283,19 +266,11 @@ def _check(op, x, weight, bias, stride, padding, extra=()):
     return x.shape[0], C, H, W, k, (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(pixels, C, all_channels=False):
     """(BLOCK_P, BLOCK_C). All channels in one tile for the LayerNorm. The interpreter pays per program, so
     it gets large tiles."""
-    block_c = triton.next_power_of_2(C) if all_channels else min(64 if _interpreted() else 32, triton.next_power_of_2(C))
-    budget = 1 << 16 if _interpreted() else 2048
+    block_c = triton.next_power_of_2(C) if all_channels else min(64 if interpreted() else 32, triton.next_power_of_2(C))
+    budget = 1 << 16 if interpreted() else 2048
     block_p = max(1, min(triton.next_power_of_2(pixels), budget // block_c))
     return block_p, block_c
 
@@ -303,17 +278,9 @@ def _blocks(pixels, C, all_channels=False):
 def _grid(B, pixels, C, block_p, block_c, op):
     n_pblocks = triton.cdiv(pixels, block_p)
     grid = (B * n_pblocks, triton.cdiv(C, block_c))
-    if grid[1] > _MAX_GRID_1:
+    if grid[1] > MAX_GRID_1:
         raise ValueError(f"{op}: too many channels for one launch (grid {grid})")
     return n_pblocks, grid
-
-
-def _launch(kernel, grid, device, *args, **meta):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
 
 
 def _activation_code(op, activation):
@@ -333,9 +300,9 @@ def depthwise_conv2d_fwd(x, weight, bias, stride, padding, activation, channels_
         return out
     block_p, block_c = _blocks(Ho * Wo, C)
     n_pblocks, grid = _grid(B, Ho * Wo, C, block_p, block_c, op)
-    _launch(_fwd_kernel, grid, x.device, x, weight, bias if bias is not None else weight, out,
+    launch(_fwd_kernel, grid, x.device, x, weight, bias if bias is not None else weight, out,
             C, H, W, Ho, Wo, n_pblocks, stride, padding, *x.stride(), *out.stride(),
-            K=k, ACT=act, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc(x.dtype))
+            K=k, ACT=act, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype))
     return out
 
 
@@ -347,8 +314,8 @@ def _input_grad(gz, weight, x, stride, padding, k, Ho, Wo, op):
         return gx
     block_p, block_c = _blocks(H * W, C)
     n_pblocks, grid = _grid(B, H * W, C, block_p, block_c, op)
-    _launch(_bwd_gx_kernel, grid, x.device, gz, weight, gx, C, H, W, Ho, Wo, n_pblocks, stride, padding,
-            *gz.stride(), *gx.stride(), K=k, BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc(x.dtype))
+    launch(_bwd_gx_kernel, grid, x.device, gz, weight, gx, C, H, W, Ho, Wo, n_pblocks, stride, padding,
+            *gz.stride(), *gx.stride(), K=k, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype))
     return gx
 
 
@@ -360,17 +327,17 @@ def depthwise_conv2d_bwd(grad, x, weight, bias, stride, padding, activation):
     if tuple(grad.shape) != (B, C, Ho, Wo) or grad.dtype != x.dtype or grad.device != x.device:
         raise ValueError(f"{op}: expected grad of shape {(B, C, Ho, Wo)}, dtype {x.dtype} on {x.device}, "
                          f"got {tuple(grad.shape)}, {grad.dtype} on {grad.device}")
-    acc = _acc_torch(x.dtype)
+    acc = acc_dtype(x.dtype)
     block_p, block_c = _blocks(Ho * Wo, C)
     n_pblocks, grid = _grid(B, Ho * Wo, C, block_p, block_c, op)
     gw_part = torch.zeros((B * n_pblocks, C, k * k), dtype=acc, device=x.device)
     gb_part = torch.zeros((B * n_pblocks, C), dtype=acc, device=x.device)
     gz = torch.empty_like(grad, dtype=acc) if act != 0 else grad
     if grad.numel() > 0:
-        _launch(_bwd_gz_kernel, grid, x.device, x, weight, bias if bias is not None else weight, grad, gz,
+        launch(_bwd_gz_kernel, grid, x.device, x, weight, bias if bias is not None else weight, grad, gz,
                 gw_part, gb_part, C, H, W, Ho, Wo, n_pblocks, stride, padding,
                 *x.stride(), *grad.stride(), *gz.stride(),
-                K=k, ACT=act, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc(x.dtype))
+                K=k, ACT=act, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype))
     gx = _input_grad(gz, weight, x, stride, padding, k, Ho, Wo, op)
     gw = gw_part.sum(0).reshape(weight.shape).to(x.dtype)
     gb = gb_part.sum(0).to(x.dtype) if bias is not None else None
@@ -391,11 +358,11 @@ def depthwise_conv2d_layernorm_fwd(x, weight, bias, ln_weight, ln_bias, stride, 
     block_p, block_c = _blocks(Ho * Wo, C, all_channels=True)
     n_pblocks, grid = _grid(B, Ho * Wo, C, block_p, block_c, op)
     dummy = weight
-    _launch(_ln_fwd_kernel, grid, x.device, x, weight, bias if bias is not None else dummy,
+    launch(_ln_fwd_kernel, grid, x.device, x, weight, bias if bias is not None else dummy,
             ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy, out,
             C, H, W, Ho, Wo, n_pblocks, stride, padding, float(eps), *x.stride(),
             K=k, HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
-            BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc(x.dtype))
+            BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype))
     return out
 
 
@@ -406,7 +373,7 @@ def depthwise_conv2d_layernorm_bwd(grad, x, weight, bias, ln_weight, ln_bias, st
     if tuple(grad.shape) != (B, Ho, Wo, C) or grad.dtype != x.dtype or grad.device != x.device:
         raise ValueError(f"{op}: expected grad of shape {(B, Ho, Wo, C)}, dtype {x.dtype} on {x.device}, "
                          f"got {tuple(grad.shape)}, {grad.dtype} on {grad.device}")
-    acc = _acc_torch(x.dtype)
+    acc = acc_dtype(x.dtype)
     block_p, block_c = _blocks(Ho * Wo, C, all_channels=True)
     n_pblocks, grid = _grid(B, Ho * Wo, C, block_p, block_c, op)
     gw_part = torch.zeros((B * n_pblocks, C, k * k), dtype=acc, device=x.device)
@@ -415,11 +382,11 @@ def depthwise_conv2d_layernorm_bwd(grad, x, weight, bias, ln_weight, ln_bias, st
     gz = torch.empty((B, Ho, Wo, C), dtype=acc, device=x.device)
     dummy = weight
     if grad.numel() > 0:
-        _launch(_ln_bwd_gz_kernel, grid, x.device, x, weight, bias if bias is not None else dummy,
+        launch(_ln_bwd_gz_kernel, grid, x.device, x, weight, bias if bias is not None else dummy,
                 ln_weight if ln_weight is not None else dummy, grad, gz, gw_part, gb_part, gln_part,
                 C, H, W, Ho, Wo, n_pblocks, stride, padding, float(eps), *x.stride(), *grad.stride(),
                 K=k, HAS_BIAS=bias is not None, HAS_LNW=ln_weight is not None,
-                BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc(x.dtype))
+                BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype))
     gx = _input_grad(gz.permute(0, 3, 1, 2), weight, x, stride, padding, k, Ho, Wo, op)
     return [gx, gw_part.sum(0).reshape(weight.shape).to(x.dtype),
             gb_part.sum(0).to(x.dtype) if bias is not None else None,

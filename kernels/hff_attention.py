@@ -33,27 +33,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .cross_scan import _round_to_bf16
-from .selective_scan import _interpreted, check_tensor, launch
+from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, interpreted, launch, store_as, tl_acc_dtype
 
 __all__ = ["hff_spatial_gate_fwd", "hff_spatial_gate_bwd", "hff_channel_gate_fwd", "hff_channel_gate_bwd",
            "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # jitted helpers and kernels
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _store_as(ptr, value, mask):
-    """Stores float values into ptr's dtype, rounding to nearest for bfloat16 (also under the interpreter)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr, _round_to_bf16(value.to(tl.float32)), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit
 def _channel_pool_kernel(x_ptr, pooled_ptr, argmax_ptr, C, HW, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_P: tl.constexpr):
@@ -176,7 +165,7 @@ def _apply_gate_kernel(x_ptr, gate_ptr, out_ptr, R, C, HW, PER_PIXEL: tl.constex
         s = tl.load(gate_ptr + (row[:, None] // C) * HW + p[None, :], mask=m, other=0.0)
     else:
         s = tl.load(gate_ptr + row, mask=row < R, other=0.0)[:, None]
-    _store_as(out_ptr + row[:, None] * HW + p[None, :], v * s, m)
+    store_as(out_ptr + row[:, None] * HW + p[None, :], v * s, m)
 
 
 @triton.jit
@@ -240,23 +229,15 @@ def _gate_input_grad_kernel(grad_ptr, gate_ptr, dpooled_ptr, argmax_ptr, dx_ptr,
         d += tl.load(grad_ptr + row[:, None] * HW + p[None, :], mask=m, other=0.0).to(ACC) * s
     if ACCUMULATE:
         d += tl.load(dx_ptr + row[:, None] * HW + p[None, :], mask=m, other=0.0).to(ACC)
-    _store_as(dx_ptr + row[:, None] * HW + p[None, :], d, m)
+    store_as(dx_ptr + row[:, None] * HW + p[None, :], d, m)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(x):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
 def _tile(n, gpu_cap, interp_cap):
     """A power-of-two block over n elements: the interpreter pays per program, a GPU per register."""
-    return max(2, min(interp_cap if _interpreted() else gpu_cap, triton.next_power_of_2(n)))
+    return max(2, min(interp_cap if interpreted() else gpu_cap, triton.next_power_of_2(n)))
 
 
 def _check_x(op, x):
@@ -271,7 +252,7 @@ def _check_x(op, x):
 
 def _check_gate_grad(op, grad, x, gate_only, gate_shape, layout):
     if gate_only:
-        check_tensor(grad, op, "grad", gate_shape, layout, _acc(x), x.device)
+        check_tensor(grad, op, "grad", gate_shape, layout, acc_dtype(x.dtype), x.device)
     else:
         check_tensor(grad, op, "grad", x.shape, "(B, C, H, W)", x.dtype, x.device)
 
@@ -286,7 +267,7 @@ def _apply_gate(x, gate, per_pixel):
     out = torch.empty_like(x)
     block_r, block_p, grid = _rows_pixels_grid(B * C, H * W)
     launch(_apply_gate_kernel, grid, x.device, x, gate, out, B * C, C, H * W, PER_PIXEL=per_pixel,
-           ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
+           ACC=tl_acc_dtype(x.dtype), BLOCK_R=block_r, BLOCK_P=block_p)
     return out
 
 
@@ -300,14 +281,14 @@ def _gate_input_grad(op, grad, gate, dpooled, argmax, x, per_pixel, gate_only, d
     block_r, block_p, grid = _rows_pixels_grid(B * C, H * W)
     launch(_gate_input_grad_kernel, grid, x.device, dx if gate_only else grad, gate, dpooled, argmax, dx,
            B * C, C, H * W, PER_PIXEL=per_pixel, GATE_ONLY=gate_only, ACCUMULATE=dx_accumulate is not None,
-           ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
+           ACC=tl_acc_dtype(x.dtype), BLOCK_R=block_r, BLOCK_P=block_p)
     return dx
 
 
 # ---- spatial gate ------------------------------------------------------------------------------------------
 def _check_spatial(op, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats):
     _check_x(op, x)
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)
     if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4 or conv_weight.shape[-1] % 2 == 0:
         raise ValueError(f"{op}: expected conv_weight of shape (1, 2, k, k) with odd k")
     k = conv_weight.shape[-1]
@@ -329,7 +310,7 @@ def _map_conv(pooled, weight, k):
     z = torch.empty((B, H, W), dtype=pooled.dtype, device=pooled.device)
     block_p = _tile(H * W, 32, 1024)
     launch(_map_conv_kernel, (B, triton.cdiv(H * W, block_p)), pooled.device, pooled, weight, z, H, W, K=k,
-           TAPS=triton.next_power_of_2(k * k), ACC=_tl_acc(pooled), BLOCK_P=block_p)
+           TAPS=triton.next_power_of_2(k * k), ACC=tl_acc_dtype(pooled.dtype), BLOCK_P=block_p)
     return z
 
 
@@ -358,11 +339,11 @@ def hff_spatial_gate_fwd(x, conv_weight, bn_weight, bn_bias, running_mean, runni
     op = "hff_spatial_gate_fwd"
     k = _check_spatial(op, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats)
     B, C, H, W = x.shape
-    pooled = torch.empty((B, 2, H, W), dtype=_acc(x), device=x.device)
+    pooled = torch.empty((B, 2, H, W), dtype=acc_dtype(x.dtype), device=x.device)
     argmax = torch.empty((B, H, W), dtype=torch.int64, device=x.device)
     block_c, block_p = _tile(C, 16, 512), _tile(H * W, 128, 1024)
     launch(_channel_pool_kernel, (B, triton.cdiv(H * W, block_p)), x.device, x, pooled, argmax, C, H * W,
-           ACC=_tl_acc(x), BLOCK_C=block_c, BLOCK_P=block_p)
+           ACC=tl_acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     z = _map_conv(pooled, conv_weight, k)
     scale, shift, _, _, batch_mean, batch_var = _map_affine(z, bn_weight, bn_bias, running_mean, running_var,
                                                             use_batch_stats, eps)
@@ -378,7 +359,7 @@ def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bia
     k = _check_spatial(op, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, use_batch_stats)
     B, C, H, W = x.shape
     HW = H * W
-    check_tensor(pooled, op, "pooled", (B, 2, H, W), "(B, 2, H, W)", _acc(x), x.device)
+    check_tensor(pooled, op, "pooled", (B, 2, H, W), "(B, 2, H, W)", acc_dtype(x.dtype), x.device)
     check_tensor(argmax, op, "argmax", (B, H, W), "(B, H, W)", torch.int64, x.device)
     _check_gate_grad(op, grad, x, gate_only, (B, 1, H, W), "(B, 1, H, W)")
     z = _map_conv(pooled, conv_weight, k)
@@ -387,10 +368,10 @@ def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bia
     if gate_only:
         dgate = grad.reshape(B, H, W)
     else:
-        dgate = torch.empty((B, H, W), dtype=_acc(x), device=x.device)
+        dgate = torch.empty((B, H, W), dtype=acc_dtype(x.dtype), device=x.device)
         block_c, block_p = _tile(C, 16, 512), _tile(HW, 128, 1024)
         launch(_channel_dot_kernel, (B, triton.cdiv(HW, block_p)), x.device, grad, x, dgate, C, HW,
-               ACC=_tl_acc(x), BLOCK_C=block_c, BLOCK_P=block_p)
+               ACC=tl_acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p)
     # the BatchNorm's backward on the small map (batch statistics depend on every pixel)
     dy = dgate * gate * (1 - gate)
     zhat = (z - mean) * rstd
@@ -400,9 +381,9 @@ def hff_spatial_gate_bwd(grad, pooled, argmax, x, conv_weight, bn_weight, bn_bia
     dpooled = torch.empty_like(pooled)
     block_p = _tile(HW, 32, 1024)
     blocks = triton.cdiv(HW, block_p)
-    dw_part = torch.empty((B * blocks, 2 * k * k), dtype=_acc(x), device=x.device)
+    dw_part = torch.empty((B * blocks, 2 * k * k), dtype=acc_dtype(x.dtype), device=x.device)
     launch(_map_conv_bwd_kernel, (B, blocks), x.device, dz, pooled, conv_weight, dpooled, dw_part, H, W, K=k,
-           TAPS=triton.next_power_of_2(k * k), ACC=_tl_acc(x), BLOCK_P=block_p)
+           TAPS=triton.next_power_of_2(k * k), ACC=tl_acc_dtype(x.dtype), BLOCK_P=block_p)
     dx = _gate_input_grad(op, grad, gate, dpooled, argmax, x, True, gate_only, dx_accumulate)
     dbn_weight = None if bn_weight is None else sum_dy_zhat.reshape(1)
     dbn_bias = None if bn_bias is None else sum_dy.reshape(1)
@@ -416,8 +397,8 @@ def _check_channel(op, x, fc1_weight, fc2_weight):
     if not isinstance(fc1_weight, torch.Tensor) or fc1_weight.dim() != 2:
         raise ValueError(f"{op}: expected fc1_weight to be a 2-D tensor of shape (hidden, C)")
     hidden = fc1_weight.shape[0]
-    check_tensor(fc1_weight, op, "fc1_weight", (hidden, C), "(hidden, C)", _acc(x), x.device)
-    check_tensor(fc2_weight, op, "fc2_weight", (C, hidden), "(C, hidden)", _acc(x), x.device)
+    check_tensor(fc1_weight, op, "fc1_weight", (hidden, C), "(hidden, C)", acc_dtype(x.dtype), x.device)
+    check_tensor(fc2_weight, op, "fc2_weight", (C, hidden), "(C, hidden)", acc_dtype(x.dtype), x.device)
 
 
 def _mlp_pre(pooled, fc1_weight):
@@ -433,11 +414,11 @@ def hff_channel_gate_fwd(x, fc1_weight, fc2_weight, gate_only):
     op = "hff_channel_gate_fwd"
     _check_channel(op, x, fc1_weight, fc2_weight)
     B, C, H, W = x.shape
-    pooled = torch.empty((B, 2, C), dtype=_acc(x), device=x.device)
+    pooled = torch.empty((B, 2, C), dtype=acc_dtype(x.dtype), device=x.device)
     argmax = torch.empty((B, C), dtype=torch.int64, device=x.device)
     block_r, block_p = _tile(B * C, 8, 256), _tile(H * W, 256, 1024)
     launch(_pixel_pool_kernel, (triton.cdiv(B * C, block_r), 1), x.device, x, pooled, argmax, B * C, C, H * W,
-           ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
+           ACC=tl_acc_dtype(x.dtype), BLOCK_R=block_r, BLOCK_P=block_p)
     gate = _mlp_gate(pooled, fc1_weight, fc2_weight).contiguous()
     y = gate.reshape(B, C, 1, 1) if gate_only else _apply_gate(x, gate, False)
     return [y, pooled, argmax]
@@ -448,7 +429,7 @@ def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_o
     op = "hff_channel_gate_bwd"
     _check_channel(op, x, fc1_weight, fc2_weight)
     B, C, H, W = x.shape
-    check_tensor(pooled, op, "pooled", (B, 2, C), "(B, 2, C)", _acc(x), x.device)
+    check_tensor(pooled, op, "pooled", (B, 2, C), "(B, 2, C)", acc_dtype(x.dtype), x.device)
     check_tensor(argmax, op, "argmax", (B, C), "(B, C)", torch.int64, x.device)
     _check_gate_grad(op, grad, x, gate_only, (B, C, 1, 1), "(B, C, 1, 1)")
     pre = _mlp_pre(pooled, fc1_weight)
@@ -457,10 +438,10 @@ def hff_channel_gate_bwd(grad, pooled, argmax, x, fc1_weight, fc2_weight, gate_o
     if gate_only:
         dgate = grad.reshape(B, C)
     else:
-        dgate = torch.empty((B, C), dtype=_acc(x), device=x.device)
+        dgate = torch.empty((B, C), dtype=acc_dtype(x.dtype), device=x.device)
         block_r, block_p = _tile(B * C, 8, 256), _tile(H * W, 256, 1024)
         launch(_pixel_dot_kernel, (triton.cdiv(B * C, block_r), 1), x.device, grad, x, dgate, B * C, H * W,
-               ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_P=block_p)
+               ACC=tl_acc_dtype(x.dtype), BLOCK_R=block_r, BLOCK_P=block_p)
     dlogit = dgate * gate * (1 - gate)
     dfc2 = dlogit.t() @ hidden
     # relu's gradient as torch's: zero where pre <= 0 (even for a NaN dhidden), passed through for NaN pre

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .hff_attention import _acc, _store_as, _tile, _tl_acc
-from .selective_scan import check_tensor, launch
+from ._utils import acc_dtype, check_tensor, launch, store_as, tl_acc_dtype
+from .hff_attention import _tile
 
 __all__ = ["hff_fused_tail_fwd", "hff_fused_tail_bwd"]
 
@@ -83,7 +83,7 @@ def _tail_fwd_kernel(l_ptr, g_ptr, xf_ptr, sg_ptr, cg_ptr, w_ptr, bias_ptr, out_
             w = tl.load(w_ptr + offset + c, mask=c < count, other=0.0)
             bias = tl.load(bias_ptr + offset + c, mask=c < count, other=0.0)
             y = (v - mean[None, :]) * rstd[None, :] * w[:, None] + bias[:, None]
-            _store_as(out_ptr + (b * CT + offset + c[:, None]) * HW + p[None, :], y, m)
+            store_as(out_ptr + (b * CT + offset + c[:, None]) * HW + p[None, :], y, m)
     tl.store(mean_ptr + b * HW + p, mean, mask=pmask)
     tl.store(rstd_ptr + b * HW + p, rstd, mask=pmask)
 
@@ -128,13 +128,13 @@ def _tail_bwd_kernel(dout_ptr, l_ptr, g_ptr, xf_ptr, sg_ptr, cg_ptr, w_ptr, mean
             at = (b * count + c[:, None]) * HW + p[None, :]
             if part == 0:
                 cg = tl.load(cg_ptr + b * count + c, mask=c < count, other=0.0)
-                _store_as(dg_ptr + at, dv * cg[:, None], m)
+                store_as(dg_ptr + at, dv * cg[:, None], m)
                 tl.store(dcg_part_ptr + prog * C2 + c, tl.sum(dv * raw, axis=1), mask=c < count)
             elif part == 1:
-                _store_as(dl_ptr + at, dv * sg[None, :], m)
+                store_as(dl_ptr + at, dv * sg[None, :], m)
                 ds += tl.sum(dv * raw, axis=0)
             else:
-                _store_as(dxf_ptr + at, dv, m)
+                store_as(dxf_ptr + at, dv, m)
     tl.store(dsg_ptr + b * HW + p, ds, mask=pmask)
 
 
@@ -150,7 +150,7 @@ def _check(op, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias):
     check_tensor(l, op, "l", l.shape, "(B, C1, H, W)", l.dtype, l.device)
     check_tensor(g, op, "g", (B, g.shape[1], H, W), "(B, C2, H, W)", l.dtype, l.device)
     check_tensor(x_f, op, "x_f", (B, x_f.shape[1], H, W), "(B, Ci, H, W)", l.dtype, l.device)
-    acc, total = _acc(l), C1 + g.shape[1] + x_f.shape[1]
+    acc, total = acc_dtype(l.dtype), C1 + g.shape[1] + x_f.shape[1]
     check_tensor(spatial_gate, op, "spatial_gate", (B, 1, H, W), "(B, 1, H, W)", acc, l.device)
     check_tensor(channel_gate, op, "channel_gate", (B, g.shape[1], 1, 1), "(B, C2, 1, 1)", acc, l.device)
     check_tensor(ln_weight, op, "ln_weight", (total,), "(C1 + C2 + Ci,)", acc, l.device)
@@ -167,11 +167,11 @@ def hff_fused_tail_fwd(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias
     B, C1, C2, Ci, H, W = _check("hff_fused_tail_fwd", l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
     CT, HW = C1 + C2 + Ci, H * W
     out = torch.empty((B, CT, H, W), dtype=l.dtype, device=l.device)
-    mean = torch.empty((B, H, W), dtype=_acc(l), device=l.device)
+    mean = torch.empty((B, H, W), dtype=acc_dtype(l.dtype), device=l.device)
     rstd = torch.empty_like(mean)
     block_c, block_p = _blocks(CT, HW)
     launch(_tail_fwd_kernel, (B, triton.cdiv(HW, block_p)), l.device, l, g, x_f, spatial_gate, channel_gate,
-           ln_weight, ln_bias, out, mean, rstd, C1, C2, Ci, HW, float(eps), ACC=_tl_acc(l), BLOCK_C=block_c,
+           ln_weight, ln_bias, out, mean, rstd, C1, C2, Ci, HW, float(eps), ACC=tl_acc_dtype(l.dtype), BLOCK_C=block_c,
            BLOCK_P=block_p)
     return [out, mean, rstd]
 
@@ -181,7 +181,7 @@ def hff_fused_tail_bwd(dout, l, g, x_f, spatial_gate, channel_gate, ln_weight, l
     op = "hff_fused_tail_bwd"
     B, C1, C2, Ci, H, W = _check(op, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
     CT, HW = C1 + C2 + Ci, H * W
-    acc = _acc(l)
+    acc = acc_dtype(l.dtype)
     check_tensor(dout, op, "dout", (B, CT, H, W), "(B, C1 + C2 + Ci, H, W)", l.dtype, l.device)
     check_tensor(mean, op, "mean", (B, H, W), "(B, H, W)", acc, l.device)
     check_tensor(rstd, op, "rstd", (B, H, W), "(B, H, W)", acc, l.device)
@@ -193,6 +193,6 @@ def hff_fused_tail_bwd(dout, l, g, x_f, spatial_gate, channel_gate, ln_weight, l
     db_part = torch.empty_like(dw_part)
     dcg_part = torch.empty((B, blocks, C2), dtype=acc, device=l.device)
     launch(_tail_bwd_kernel, (B, blocks), l.device, dout, l, g, x_f, spatial_gate, channel_gate, ln_weight, mean,
-           rstd, dl, dg, dx_f, dsg, dw_part, db_part, dcg_part, C1, C2, Ci, HW, ACC=_tl_acc(l), BLOCK_C=block_c,
-           BLOCK_P=block_p)
+           rstd, dl, dg, dx_f, dsg, dw_part, db_part, dcg_part, C1, C2, Ci, HW, ACC=tl_acc_dtype(l.dtype),
+           BLOCK_C=block_c, BLOCK_P=block_p)
     return [dl, dg, dx_f, dsg, dcg_part.sum(dim=1).reshape(B, C2, 1, 1), dw_part.sum(dim=0), db_part.sum(dim=0)]

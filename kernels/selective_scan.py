@@ -15,10 +15,7 @@ Design
 ------
 A program owns (batch b, a block of BLOCK_D channels) with the whole state (BLOCK_D, N) in registers and walks
 the positions sequentially (``_scan_fwd_range``).  The walk is written over a range [start, stop) of positions
-from a given state, so the sequence is processed chunk by chunk (CHUNK positions).  The forward kernels can
-instead walk each chunk in blocks of ASSOC_SUB positions loaded as whole (channels, positions) tiles and solved
-by ``tl.associative_scan`` (``_scan_fwd_range_assoc``); ``set_forward_method`` (or $MEDKERNELS_TRITON_SCAN)
-picks, and the benchmarks compare the two on a GPU.
+from a given state, so the sequence is processed chunk by chunk (CHUNK positions).
 
 Position i of the sequence maps to memory offset ``_pixel(i, H, W, L, DIRECTION)``: identity here
 (DIRECTION 0), the four cross-scan orders in ``medkernels.kernels.ss2d_scan``, which reuses these helpers.
@@ -34,22 +31,17 @@ are per-(batch, channel) partials summed over the batch with torch: all determin
 State and arithmetic are float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs (the dtype
 of A).  On a GPU tensors must be CUDA tensors; CPU tensors need ``TRITON_INTERPRET=1`` set before import.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .cross_scan import _round_to_bf16
+from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, interpreted, launch, round_to_bf16
 
-__all__ = ["selective_scan_fwd", "selective_scan_bwd", "set_forward_method", "forward_method", "SUPPORTED_DTYPES", "CHUNK"]
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "SUPPORTED_DTYPES", "CHUNK"]
 
 # Positions per chunk of the backward (the recomputed states of one chunk live in the program's scratch).
 CHUNK = 64
-_MAX_GRID_0 = 2**31 - 1
-_MAX_GRID_1 = 65535
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,7 +85,7 @@ def _dt_of(delta, bias, SOFTPLUS: tl.constexpr):
 def _store_bf16(ptr, value, mask):
     """Store float32/float64 value as bfloat16, rounding to nearest even (the interpreter would truncate
     otherwise; same result as the GPU conversion)."""
-    tl.store(ptr, _round_to_bf16(value.to(tl.float32)), mask=mask)
+    tl.store(ptr, round_to_bf16(value.to(tl.float32)), mask=mask)
 
 
 @triton.jit
@@ -143,66 +135,6 @@ def _scan_fwd_range(
             else:
                 prev = tl.load(out_ptr + offs_d * L + p, mask=mask_d, other=0.0)
                 tl.store(out_ptr + offs_d * L + p, prev + y.to(prev.dtype), mask=mask_d)
-    return x
-
-
-@triton.jit
-def _first_order_combine(a_left, b_left, a_right, b_right):
-    """Composition of the affine maps x -> a x + b, left one first: the operator of the linear recurrence."""
-    return a_left * a_right, a_right * b_left + b_right
-
-
-@triton.jit
-def _scan_fwd_range_assoc(
-    x, start, stop,
-    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, out_ptr,
-    offs_d, mask_d, offs_n, mask_n, A, Dskip, bias,
-    H, W, L,
-    DIRECTION: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    OUT_MODE: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """_scan_fwd_range's walk (without STORE_STEPS) in blocks of SUB positions: each block is loaded as
-    (BLOCK_D, SUB) / (SUB, BLOCK_N) tiles and its recurrence solved by ``tl.associative_scan`` over the
-    positions, then offset by the carried state.  Positions past `stop` get decay 1 and input 0, so the state
-    at the block's last slot is the state after `stop - 1`."""
-    acc_t = x.dtype
-    offs_t = tl.arange(0, SUB)
-    for s0 in range(start, stop, SUB):
-        t = s0 + offs_t
-        mask_t = t < stop
-        if DIRECTION == 0:
-            p = t
-        else:
-            p = _pixel(t, H, W, L, DIRECTION)
-        rows = offs_d[:, None] * L + p[None, :]
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + rows, mask=mask_dt, other=0.0).to(acc_t)
-        delta = tl.load(delta_ptr + rows, mask=mask_dt, other=0.0).to(acc_t)
-        dt, _ = _dt_of(delta, bias[:, None], SOFTPLUS)
-        dt = tl.where(mask_dt, dt, 0.0)
-        cols = offs_n[None, :] * L + p[:, None]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
-        Bt = tl.load(B_ptr + cols, mask=mask_tn, other=0.0).to(acc_t)
-        lanes = mask_n[None, None, :]  # padding lanes (n >= N) stay 0, as in _scan_fwd_range
-        decay = tl.where(lanes, tl.exp(dt[:, :, None] * A[:, None, :]), 1.0)
-        inp = tl.where(lanes, (dt * u)[:, :, None] * Bt[None, :, :], 0.0)
-        decay_prefix, inp_prefix = tl.associative_scan((decay, inp), axis=1, combine_fn=_first_order_combine)
-        xs = decay_prefix * x[:, None, :] + inp_prefix
-        x = tl.sum(tl.where((offs_t == SUB - 1)[None, :, None], xs, 0.0), axis=1)
-        if OUT_MODE != 0:
-            Ct = tl.load(C_ptr + cols, mask=mask_tn, other=0.0).to(acc_t)
-            y = tl.sum(xs * Ct[None, :, :], axis=2) + Dskip[:, None] * u
-            if HAS_Z:
-                zv = tl.load(z_ptr + rows, mask=mask_dt, other=0.0).to(acc_t)
-                y = y * (zv / (1.0 + tl.exp(-zv)))
-            if OUT_MODE == 1:
-                if out_ptr.dtype.element_ty == tl.bfloat16:
-                    _store_bf16(out_ptr + rows, y, mask_dt)
-                else:
-                    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
-            else:
-                prev = tl.load(out_ptr + rows, mask=mask_dt, other=0.0)
-                tl.store(out_ptr + rows, prev + y.to(prev.dtype), mask=mask_dt)
     return x
 
 
@@ -300,11 +232,10 @@ def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, states_ptr,
     Dim, G, N, L, n_chunks,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr, ASSOC_SUB: tl.constexpr,
+    WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr,
     CHUNK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: batch b, channels d0 .. d0 + BLOCK_D - 1 (one group of B/C), all N states, all positions.
-    # ASSOC_SUB > 0 walks each chunk in associative-scan blocks of that many positions, else sequentially.
     b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
     g = d0 // (Dim // G)
@@ -322,20 +253,12 @@ def _selective_scan_fwd_kernel(
     for c in range(0, n_chunks):
         if SAVE_STATES:
             tl.store(states_ptr + (b * Dim + d0) * n_chunks * N + c * N + state_tile, x, mask=mask_dn)
-        if ASSOC_SUB > 0:
-            x = _scan_fwd_range_assoc(
-                x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
-                u_ptr + row0, delta_ptr + row0, B_ptr + bc0, C_ptr + bc0, z_ptr + row0, out_ptr + row0,
-                offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, 1, L, L,
-                0, SOFTPLUS, HAS_Z, 1 if WRITE_OUT else 0, ASSOC_SUB, BLOCK_D, BLOCK_N,
-            )
-        else:
-            x = _scan_fwd_range(
-                x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
-                u_ptr + row0, delta_ptr + row0, B_ptr + bc0, C_ptr + bc0, z_ptr + row0, out_ptr + row0, states_ptr,
-                offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, 1, L, L,
-                0, SOFTPLUS, HAS_Z, 1 if WRITE_OUT else 0, False, BLOCK_D, BLOCK_N,
-            )
+        x = _scan_fwd_range(
+            x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
+            u_ptr + row0, delta_ptr + row0, B_ptr + bc0, C_ptr + bc0, z_ptr + row0, out_ptr + row0, states_ptr,
+            offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, 1, L, L,
+            0, SOFTPLUS, HAS_Z, 1 if WRITE_OUT else 0, False, BLOCK_D, BLOCK_N,
+        )
     tl.store(last_ptr + (b * Dim + d0) * N + offs_d[:, None] * N + offs_n[None, :], x, mask=mask_dn)
 
 
@@ -405,39 +328,6 @@ def _selective_scan_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-def _interpreted():
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_selective_scan_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _state_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_tensor(t, op, arg, shape, layout, dtype, device, optional=False):
-    """TypeError/ValueError naming `arg` unless t is a contiguous tensor of `shape` and `dtype` on `device`
-    (a CUDA device, or any device under the interpreter); None passes when optional."""
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{op}: expected {arg} to be a torch.Tensor, got None")
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: expected {arg} to be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: expected {arg} of shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{op}: expected {arg} to have dtype {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: expected {arg} to be contiguous (call .contiguous() first), got strides {t.stride()}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: expected {arg} on {device} (the device of u), got {t.device}")
-    if t.device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            f"{op}: expected {arg} to be a CUDA tensor, got a tensor on {t.device} "
-            "(CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing medkernels)"
-        )
-
-
 def check_u(u, op, rank, layout):
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"{op}: expected u to be a torch.Tensor, got {type(u).__name__}")
@@ -447,45 +337,11 @@ def check_u(u, op, rank, layout):
         raise TypeError(f"{op}: expected u to have dtype float16, bfloat16, float32 or float64, got {u.dtype}")
 
 
-# How the forward kernels walk a chunk: "loop" (one position after the other, the state in registers) or
-# "assoc" (blocks of ASSOC_SUB positions through tl.associative_scan).  $MEDKERNELS_TRITON_SCAN sets the
-# default; benchmarks switch it with set_forward_method to compare the two side by side.
-FORWARD_METHODS = ("loop", "assoc")
-_forward_method = os.environ.get("MEDKERNELS_TRITON_SCAN", "loop")
-if _forward_method not in FORWARD_METHODS:
-    raise ValueError(f"MEDKERNELS_TRITON_SCAN must be one of {FORWARD_METHODS}, got {_forward_method!r}")
-ASSOC_SUB = 16
-
-
-def set_forward_method(name):
-    """Choose how the forward kernels walk a chunk ("loop" or "assoc"); returns the previous choice."""
-    global _forward_method
-    if name not in FORWARD_METHODS:
-        raise ValueError(f"forward method must be one of {FORWARD_METHODS}, got {name!r}")
-    previous, _forward_method = _forward_method, name
-    return previous
-
-
-def forward_method():
-    return _forward_method
-
-
-def assoc_block(block_d, block_n):
-    """ASSOC_SUB when the forward walks chunks by associative scan, else 0 (the sequential loop)."""
-    return ASSOC_SUB if _forward_method == "assoc" else 0
-
-
-def assoc_block_d(block_n, sub):
-    """Channels per program for the associative walk: its (BLOCK_D, SUB, BLOCK_N) tiles must fit in
-    registers on a GPU (the interpreter has no such limit)."""
-    return 256 if _interpreted() else max(1, 2048 // (block_n * sub))
-
-
 def block_sizes(channels_per_block_unit, masked_ok, N):
     """(BLOCK_D, BLOCK_N). BLOCK_D divides `channels_per_block_unit` (so a block stays inside one group of
     B/C) unless masked_ok; the interpreter pays per program, a GPU per register."""
     block_n = triton.next_power_of_2(N)
-    cap = 256 if _interpreted() else max(1, 512 // block_n)
+    cap = 256 if interpreted() else max(1, 512 // block_n)
     if masked_ok:
         return min(cap, triton.next_power_of_2(channels_per_block_unit)), block_n
     block_d = 1
@@ -494,21 +350,11 @@ def block_sizes(channels_per_block_unit, masked_ok, N):
     return block_d, block_n
 
 
-def launch(kernel, grid, device, *args, **meta):
-    if grid[0] > _MAX_GRID_0 or grid[1] > _MAX_GRID_1 or (len(grid) > 2 and grid[2] > _MAX_GRID_1):
-        raise ValueError(f"the input is too large for one launch (grid {grid})")
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
-
-
 def _check_args(op, u, delta, A, B, C, D, z, delta_bias):
     check_u(u, op, 3, "(batch, D, L)")
     batch, dim, L = u.shape
     dev, T = u.device, u.dtype
-    S = _state_dtype(T)
+    S = acc_dtype(T)
     check_tensor(u, op, "u", u.shape, "(batch, D, L)", T, dev)
     check_tensor(delta, op, "delta", u.shape, "(batch, D, L)", T, dev)
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
@@ -536,16 +382,13 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, write_o
     out = torch.empty_like(u) if write_out else None
     last = torch.empty((batch, dim, N), dtype=S, device=u.device)
     states = torch.empty((batch, dim, n_chunks, N), dtype=S, device=u.device) if save_states else None
-    assoc_sub = assoc_block(block_d, block_n)
-    if assoc_sub:
-        block_d = min(block_d, assoc_block_d(block_n, assoc_sub))
     grid = (batch, triton.cdiv(dim, block_d))
     launch(_selective_scan_fwd_kernel, grid, u.device,
            u, delta, A, B, C, A if D is None else D, u if z is None else z, A if delta_bias is None else delta_bias,
            u if out is None else out, last, last if states is None else states,
            dim, G, N, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-           WRITE_OUT=write_out, SAVE_STATES=save_states, ASSOC_SUB=assoc_sub,
+           WRITE_OUT=write_out, SAVE_STATES=save_states,
            CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
     return out, last, states
 

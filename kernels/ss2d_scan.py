@@ -23,21 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import (
-    CHUNK,
-    SUPPORTED_DTYPES,
-    _load_channel_params,
-    _scan_bwd_range,
-    _scan_fwd_range,
-    _scan_fwd_range_assoc,
-    _state_dtype,
-    assoc_block,
-    assoc_block_d,
-    block_sizes,
-    check_tensor,
-    check_u,
-    launch,
-)
+from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, launch
+from .selective_scan import CHUNK, _load_channel_params, _scan_bwd_range, _scan_fwd_range, block_sizes, check_u
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "SUPPORTED_DTYPES"]
 
@@ -47,11 +34,11 @@ def _ss2d_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, out_ptr, states_ptr,
     Dim, N, H, W, L, n_chunks,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr, ASSOC_SUB: tl.constexpr,
+    WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr,
     CHUNK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: batch b, channels d0 .. d0 + BLOCK_D - 1, the four directions one after the other
-    # (each chunk walked sequentially, or in associative-scan blocks of ASSOC_SUB positions when > 0).
+    # One program: batch b, channels d0 .. d0 + BLOCK_D - 1, the four directions one after the other, each
+    # chunk walked sequentially.
     b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
@@ -71,20 +58,12 @@ def _ss2d_scan_fwd_kernel(
         for c in range(0, n_chunks):
             if SAVE_STATES:
                 tl.store(states_ptr + ((b * 4 + k) * Dim + d0) * n_chunks * N + c * N + state_tile, x, mask=mask_dn)
-            if ASSOC_SUB > 0:
-                x = _scan_fwd_range_assoc(
-                    x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
-                    u_ptr + row0, delta_ptr + drow0, B_ptr + bc0, C_ptr + bc0, u_ptr, out_ptr + row0,
-                    offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, H, W, L,
-                    k, SOFTPLUS, False, 2 if WRITE_OUT else 0, ASSOC_SUB, BLOCK_D, BLOCK_N,
-                )
-            else:
-                x = _scan_fwd_range(
-                    x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
-                    u_ptr + row0, delta_ptr + drow0, B_ptr + bc0, C_ptr + bc0, u_ptr, out_ptr + row0, states_ptr,
-                    offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, H, W, L,
-                    k, SOFTPLUS, False, 2 if WRITE_OUT else 0, False, BLOCK_D, BLOCK_N,
-                )
+            x = _scan_fwd_range(
+                x, c * CHUNK_L, tl.minimum(c * CHUNK_L + CHUNK_L, L),
+                u_ptr + row0, delta_ptr + drow0, B_ptr + bc0, C_ptr + bc0, u_ptr, out_ptr + row0, states_ptr,
+                offs_d, mask_d, offs_n, mask_n, A, Dskip, bias, H, W, L,
+                k, SOFTPLUS, False, 2 if WRITE_OUT else 0, False, BLOCK_D, BLOCK_N,
+            )
         tl.debug_barrier()  # the next direction reads the output sums stored by other threads
 
 
@@ -155,7 +134,7 @@ def _check_args(op, u, delta, A, B, C, D, delta_bias):
     check_u(u, op, 4, "(batch, D, H, W)")
     batch, dim, H, W = u.shape
     dev, T = u.device, u.dtype
-    S = _state_dtype(T)
+    S = acc_dtype(T)
     check_tensor(u, op, "u", u.shape, "(batch, D, H, W)", T, dev)
     check_tensor(delta, op, "delta", (batch, 4, dim, H, W), "(batch, 4, D, H, W)", T, dev)
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
@@ -174,9 +153,6 @@ def _forward_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, write_out,
     N, L = A.shape[1], H * W
     block_d, block_n = block_sizes(dim, True, N)
     n_chunks = triton.cdiv(L, CHUNK)
-    assoc_sub = assoc_block(block_d, block_n)
-    if assoc_sub:
-        block_d = min(block_d, assoc_block_d(block_n, assoc_sub))
     S = A.dtype
     acc = torch.zeros((batch, dim, L), dtype=S, device=u.device) if write_out else None
     states = torch.empty((batch, 4, dim, n_chunks, N), dtype=S, device=u.device) if save_states else None
@@ -185,7 +161,7 @@ def _forward_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, write_out,
            A if acc is None else acc, A if states is None else states,
            dim, N, H, W, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-           WRITE_OUT=write_out, SAVE_STATES=save_states, ASSOC_SUB=assoc_sub,
+           WRITE_OUT=write_out, SAVE_STATES=save_states,
            CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
     return acc, states
 

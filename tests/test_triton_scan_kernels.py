@@ -26,14 +26,6 @@ s2 = importlib.import_module("medkernels.kernels.ss2d_scan")
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=ss.FORWARD_METHODS)
-def forward_method(request):
-    """Each way the forward kernels walk a chunk (sequential loop, associative-scan blocks)."""
-    previous = ss.set_forward_method(request.param)
-    yield request.param
-    ss.set_forward_method(previous)
-
-
 def _rel_err(got, exp):
     got, exp = got.detach().cpu().double(), exp.detach().cpu().double()
     return ((got - exp).abs().max() / exp.abs().max().clamp_min(1e-12)).item()
@@ -54,7 +46,7 @@ def _scan_inputs(batch, dim, L, n, groups, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_selective_scan_across_chunks_grouped_with_dlast(dtype, forward_method):
+def test_selective_scan_across_chunks_grouped_with_dlast(dtype):
     # L > CHUNK: the backward recomputes two chunks from the saved boundary state (saved by the forward kernel)
     L = ss.CHUNK + 6
     inputs = _scan_inputs(1, 4, L, 3, 2, dtype)
@@ -103,7 +95,7 @@ def _ss2d_inputs(batch, dim, h, w, n, dtype, seed=0):
     return [t.to(DEVICE) for t in (u, delta, A, B, C, D, bias)]
 
 
-def test_ss2d_across_chunks_non_square(forward_method):
+def test_ss2d_across_chunks_non_square():
     # 9 x 8 = 72 pixels > CHUNK, H != W so that the column-major directions differ from a transpose of W x H
     inputs = _ss2d_inputs(1, 2, 9, 8, 2, torch.float32)
     dout = torch.randn(1, 2, 72, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -142,6 +134,3 @@ def test_ss2d_bad_arguments_raise_naming_them():
         s2.ss2d_scan_fwd(u, delta, A, B, C, D.half(), bias, True)
 
 
-def test_unknown_forward_method_is_refused():
-    with pytest.raises(ValueError, match="forward method"):
-        ss.set_forward_method("parallel")

@@ -66,7 +66,7 @@ def kernel_function(backend, name):
 
 DEPTHWISE_CONV2D = OpTable("depthwise_conv2d", ref=_RefImpl)
 # H100, torch 2.11, batch 64, channels_last fp16/bf16, HiFuse/MedMamba shapes (benchmarks/results/
-# nvidia-h100-80gb-hbm3-depthwise.txt): the cuda kernels took 2.2-4.2x cuDNN + activation's time forward and
+# archive/nvidia-h100-80gb-hbm3-depthwise.txt): the cuda kernels took 2.2-4.2x cuDNN + activation's time forward and
 # 1.8-8.3x forward+backward, the triton ones 1.1-4.2x and 2.4-6.7x. Until they are faster, auto runs PyTorch.
 DEPTHWISE_CONV2D.prefer_ref_for_auto("cuda")
 for _name in ("cuda", "triton"):

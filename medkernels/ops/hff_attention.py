@@ -15,9 +15,8 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import check_same_device, check_tensor, empty_batch_to_ref, vjp
+from ._common import acc_dtype, check_same_device, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention_ref import (
-    acc_dtype,
     channel_pool_ref,
     hff_channel_attention_ref,
     hff_channel_gate_ref,

@@ -7,10 +7,7 @@ float64 inputs (the kernels' statistics dtype).
 import torch
 import torch.nn.functional as F
 
-
-def acc_dtype(x):
-    """float64 for float64 tensors, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ._common import acc_dtype
 
 
 def spatial_pool_ref(x):

@@ -13,9 +13,9 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import eager_plain, empty_batch_to_ref, vjp
+from ._common import acc_dtype, eager_plain, empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
-from .hff_attention_ref import acc_dtype, channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
+from .hff_attention_ref import channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
 from .hff_attention_tail_ref import hff_attention_tail_ref
 from .hff_fused_tail import validate_tail
 from .hff_fused_tail_ref import hff_fused_tail_ref

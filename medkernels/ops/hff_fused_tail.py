@@ -14,9 +14,8 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import check_same_device, check_size, check_tensor, empty_batch_to_ref, vjp
+from ._common import acc_dtype, check_same_device, check_size, check_tensor, empty_batch_to_ref, vjp
 from .hff_attention import acc_operand, restore_grad
-from .hff_attention_ref import acc_dtype
 from .hff_fused_tail_ref import hff_fused_tail_ref
 
 

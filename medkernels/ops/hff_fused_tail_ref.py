@@ -2,7 +2,7 @@
 fused feature and the channels-first LayerNorm (HFFBlock's ``norm3(cat[g', l', x_f])``)."""
 import torch
 
-from .hff_attention_ref import acc_dtype
+from ._common import acc_dtype
 
 
 def hff_fused_tail_ref(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps):

@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, vjp
+from ._common import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_tensor, vjp
 from .selective_scan_ref import selective_scan_ref
 
 MAX_STATE = 256
@@ -24,10 +24,6 @@ class _RefImpl:
             return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
         return vjp(fn, (u, delta, A, B, C, D, z, delta_bias), (dout, dlast))
-
-
-def state_dtype(u):
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def kernel_operand(t, dtype):
@@ -64,7 +60,7 @@ class _KernelImpl:
         return g.reshape(g.shape[0], own, groups // own, *g.shape[2:]).sum(2)
 
     def _operands(self, u, delta, A, B, C, D, z, delta_bias):
-        sdt = state_dtype(u)
+        sdt = acc_dtype(u)
         groups = self._groups(B, C)
         return (kernel_operand(u, u.dtype), kernel_operand(delta, u.dtype), kernel_operand(A, sdt),
                 kernel_operand(self._grouped(B, groups), u.dtype), kernel_operand(self._grouped(C, groups), u.dtype),
@@ -76,7 +72,7 @@ class _KernelImpl:
 
     def backward(self, dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         operands = self._operands(u, delta, A, B, C, D, z, delta_bias)
-        dlast = kernel_operand(dlast, state_dtype(u))
+        dlast = kernel_operand(dlast, acc_dtype(u))
         grads = list(self.bwd(kernel_operand(dout, u.dtype), dlast, *operands, delta_softplus))
         groups = self._groups(B, C)
         grads[3] = self._ungrouped_grad(grads[3], B, groups)
@@ -118,7 +114,7 @@ def _selective_scan_fwd(
 
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    last_state = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=state_dtype(u))
+    last_state = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=acc_dtype(u))
     return [torch.empty_like(u, memory_format=torch.contiguous_format), last_state]
 
 

@@ -2,10 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-
-def _state_dtype(u):
-    # float16/bfloat16/float32 inputs keep the state and arithmetic in float32; float64 stays float64.
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
+from ._common import acc_dtype
 
 
 def _time_major(M, dim):
@@ -25,7 +22,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
       dt = softplus(delta + delta_bias) (or without softplus), x = exp(dt * A) * x + dt * B_t * u_t,
       y_t = <C_t, x> + D * u_t, then out = y * silu(z) when z is given.
     """
-    sdt = _state_dtype(u)
+    sdt = acc_dtype(u)  # float16/bfloat16/float32 inputs keep the state in float32
     batch, dim, L = u.shape
     n = A.shape[1]
     uf = u.to(sdt)

@@ -7,8 +7,8 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import check_same_device, check_shape, check_tensor, vjp
-from .selective_scan import MAX_STATE, kernel_operand, restore_grads, state_dtype
+from ._common import acc_dtype, check_same_device, check_shape, check_tensor, vjp
+from .selective_scan import MAX_STATE, kernel_operand, restore_grads
 from .ss2d_scan_ref import ss2d_scan_ref
 
 
@@ -32,7 +32,7 @@ class _KernelImpl:
 
     @staticmethod
     def _operands(u, delta, A, B, C, D, delta_bias):
-        sdt = state_dtype(u)
+        sdt = acc_dtype(u)
         return (kernel_operand(u, u.dtype), kernel_operand(delta, u.dtype), kernel_operand(A, sdt),
                 kernel_operand(B, u.dtype), kernel_operand(C, u.dtype), kernel_operand(D, sdt),
                 kernel_operand(delta_bias, sdt))
