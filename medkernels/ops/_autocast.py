@@ -35,10 +35,10 @@ def autocast_off(x):
     return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
-def layer_norm_out_dtype(x, dtype):
-    """The dtype F.layer_norm returns under autocast for an input of `dtype` on x's device: layer_norm is on
-    CUDA autocast's float32 list, while CPU autocast leaves it alone (a half input gives a half output)."""
-    return torch.float32 if x.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else dtype
+def layer_norm_out_dtype(t):
+    """The dtype F.layer_norm returns under autocast for an input like t: layer_norm is on CUDA autocast's
+    float32 list, while CPU autocast leaves it alone (a half input gives a half output)."""
+    return torch.float32 if t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 def run_cast(op, amp, args, cast_at, layer_norm=False):
@@ -48,4 +48,4 @@ def run_cast(op, amp, args, cast_at, layer_norm=False):
     args = [cast(a, amp) if i in cast_at else a for i, a in enumerate(args)]
     with autocast_off(args[0]):
         out = op(*args)
-    return out.to(layer_norm_out_dtype(out, out.dtype)) if layer_norm else out
+    return out.to(layer_norm_out_dtype(out)) if layer_norm else out

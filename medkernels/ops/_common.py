@@ -3,13 +3,14 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The GPU kernels compute element offsets in 32 bits: every tensor an op reads or writes is refused at this size.
+MAX_ELEMENTS = 2**31 - 1
+
 
 def acc_dtype(t):
     """The dtype the ops accumulate in (statistics, scan state, gates) for tensor t: float64 for float64,
     float32 for float16, bfloat16 and float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-# The GPU kernels compute element offsets in 32 bits: every tensor an op reads or writes is refused at this size.
-MAX_ELEMENTS = 2**31 - 1
 
 
 def check_tensor(t, name, ndim=None, dtypes=FLOAT_DTYPES, optional=False):

@@ -124,11 +124,11 @@ def depthwise_conv2d_layernorm(x, weight, bias=None, ln_weight=None, ln_bias=Non
                         (0, 1, 2), layer_norm=True)
     padding = validate_conv(x, weight, bias, stride, padding)
     channels = x.shape[1]
+    half = x.dtype in (torch.float16, torch.bfloat16)
     for name, v in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         check_tensor(v, name, ndim=1, optional=True)
         if v is not None and v.shape[0] != channels:
             raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(v.shape)}")
-        half = x.dtype in (torch.float16, torch.bfloat16)
         if v is not None and v.dtype != x.dtype and not (half and v.dtype == torch.float32):
             allowed = f"x's dtype {x.dtype}" + (" or torch.float32" if half else "")
             raise TypeError(f"{name} must have {allowed}, got {v.dtype}")
