@@ -1,7 +1,15 @@
 """Test setup: Triton runs under its interpreter when there is no GPU (it must be set before triton
-loads), and fixtures parametrize tests over the backends that can run on each device."""
+loads), and fixtures parametrize tests over the backends that can run on each device.
+
+The tests mirror the ops: ops/ (each op against its reference on every backend, bad inputs, properties),
+kernels/ (one backend's kernels), cross/ (suites across ops: autocast, compile, opcheck, DDP, memory,
+determinism), models/ (the networks and modules), tools/ (build, benchmarks, training CLI); helpers/ holds
+what they share, imported as ``helpers.<name>``."""
 import os
 import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def _gpu_present():
     try:

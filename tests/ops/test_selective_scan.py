@@ -8,7 +8,7 @@ import torch
 import medkernels
 from medkernels.ops import selective_scan
 
-from scan_utils import scan_loop_f64
+from helpers.scan_utils import scan_loop_f64
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
 

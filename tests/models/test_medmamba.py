@@ -8,7 +8,7 @@ import medkernels
 from medkernels.models.medmamba import MedMamba, medmamba_b, medmamba_s, medmamba_t
 from medkernels.nn.ss2d import SS2D, PatchMerging2D, SSConvSSM
 
-from model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
+from helpers.model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
 
 FACTORIES = {"medmamba_t": medmamba_t, "medmamba_s": medmamba_s, "medmamba_b": medmamba_b}
 

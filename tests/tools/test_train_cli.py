@@ -19,7 +19,7 @@ pytest.importorskip("tqdm")
 from helpers.image_folder import make_image_folder, make_split_folders  # noqa: E402
 from medkernels.train import compute_metrics, main  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # smallest inputs each model takes quickly on a CPU: HiFuse is far slower at 32 px than at 64 px
 IMAGE_SIZE = {"medmamba_t": "32", "hifuse_tiny": "64"}
 # learning rates that fit the colour folders within a few steps (the 120M-parameter HiFuse needs less)

@@ -9,7 +9,7 @@ import torch
 
 import medkernels
 from medkernels.ops import depthwise_conv2d
-from test_depthwise_conv_kernels import _ext, make_params, make_x, reference
+from test_depthwise_conv2d_kernels import _ext, make_params, make_x, reference
 
 # (B, C, H, W, k): H = 37 and 40 give three backward bands of 16 rows; C = 37 is no multiple of a vector width
 TALL_CASES = [

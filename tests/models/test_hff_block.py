@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import medkernels
 from medkernels.nn import HFFBlock
 
-from hff_utils import assert_close_scaled, rand, randn
+from helpers.hff_utils import assert_close_scaled, rand, randn
 
 WIDTHS = [96, 192, 384, 768]  # hifuse: ch_1 = ch_2 = ch_int = ch_out = C, r_2 = 16
 BATCH, H, W = 2, 5, 3

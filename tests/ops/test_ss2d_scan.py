@@ -7,7 +7,7 @@ import medkernels
 from medkernels.ops import cross_merge, cross_scan, selective_scan, ss2d_scan
 from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref
 
-from scan_utils import scan_loop_f64
+from helpers.scan_utils import scan_loop_f64
 
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 GRAD_TOL = {torch.float64: (1e-8, 1e-8), torch.float32: (1e-3, 1e-4)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 

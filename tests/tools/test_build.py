@@ -13,7 +13,7 @@ import torch
 
 import medkernels
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 BUILD_INFO_TYPES = {
     "cuda": bool,

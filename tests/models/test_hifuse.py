@@ -8,7 +8,7 @@ import medkernels
 from medkernels.models.hifuse import HiFuse, hifuse_base, hifuse_small, hifuse_tiny
 from medkernels.nn.hifuse import GlobalBlock, HFFBlock, LocalBlock
 
-from model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
+from helpers.model_utils import assert_matches_manifest, fill_model, golden_case, golden_input
 
 FACTORIES = {"hifuse_tiny": hifuse_tiny, "hifuse_small": hifuse_small, "hifuse_base": hifuse_base}
 

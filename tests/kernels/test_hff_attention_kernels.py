@@ -24,7 +24,7 @@ from medkernels.ops.hff_attention import update_running_stats
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
 
-from hff_utils import DTYPE_CASES, assert_close_scaled, channels_last_like, rand, randn, tolerance
+from helpers.hff_utils import DTYPE_CASES, assert_close_scaled, channels_last_like, rand, randn, tolerance
 
 
 def _shape(backend):

@@ -17,7 +17,7 @@ import medkernels
 from medkernels import models
 from medkernels import nn as mknn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["hifuse_tiny", "hifuse_small", "hifuse_base", "medmamba_t", "medmamba_s", "medmamba_b"]
 # the logits of a half-precision run, relative to float32 in the norm: ||y - y32|| <= REL * ||y32||
 # (measured at 64x64 with the official fill rule: 0.8-1.0e-2 for bfloat16 on every backend)

@@ -5,7 +5,7 @@ import torch
 from medkernels.models import load_official_checkpoint, medmamba_t
 from medkernels.models.checkpoint import CheckpointMismatchError
 
-from model_utils import fill_model
+from helpers.model_utils import fill_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from torch import nn
 import medkernels
 from medkernels.ops import hff_channel_attention, hff_spatial_attention
 
-from hff_utils import DTYPE_TOLERANCES, assert_close_scaled
+from helpers.hff_utils import DTYPE_TOLERANCES, assert_close_scaled
 
 WIDTHS = [pytest.param((2, 96, 7, 9), id="96ch-7x9"), pytest.param((3, 5, 6, 5), id="5ch-6x5"), pytest.param((1, 16, 1, 3), id="16ch-1x3")]
 
