@@ -51,10 +51,6 @@ def _cases(dtype):
         _rand(b, c, h, w, dtype=dtype), *spatial()]
     yield "hff_channel_attention", lambda t: ops.hff_channel_attention(*t), [
         _rand(b, c, h, w, dtype=dtype), _rand(hs, c, scale=0.3, dtype=dtype), _rand(c, hs, scale=0.3, dtype=dtype)]
-    yield "hff_fused_tail", lambda t: ops.hff_fused_tail(*t), [
-        _rand(b, c, h, w, dtype=dtype), _rand(b, c + 1, h, w, dtype=dtype), _rand(b, c - 1, h, w, dtype=dtype),
-        _rand(b, 1, h, w, dtype=dtype), _rand(b, c + 1, 1, 1, dtype=dtype), _rand(3 * c, dtype=dtype),
-        _rand(3 * c, dtype=dtype)]
     yield "hff_attention_tail", lambda t: ops.hff_attention_tail(
         t[0], t[1], t[2], t[3], t[4], t[5], None, None, True, t[6], t[7], t[8], t[9]), [
         _rand(b, c, h, w, dtype=dtype), _rand(b, c, h, w, dtype=dtype), _rand(b, c, h, w, dtype=dtype), *spatial(),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from medkernels.nn.depthwise import DepthwiseConv2d
-from medkernels.nn.ss2d import PatchEmbed2D, PatchMerging2D, VSSLayer
+from medkernels.nn.ss2d import PatchEmbed2D, PatchMerging2D, VSSLayer, check_feature_map
 
 __all__ = ["MedMamba", "medmamba_t", "medmamba_s", "medmamba_b"]
 
@@ -110,23 +110,9 @@ class MedMamba(nn.Module):
     def no_weight_decay_keywords(self):
         return {"relative_position_bias_table"}
 
-    def _check_input(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MedMamba: input 'x' must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"MedMamba: input 'x' must have shape (batch, {self.in_chans}, H, W) (4 dims), "
-                f"got {x.dim()} dims with shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"MedMamba: input 'x' must have {self.in_chans} channels in dim 1 (batch, {self.in_chans}, H, W), "
-                f"got shape {tuple(x.shape)}"
-            )
-
     def forward_backbone(self, x):
         """x: (batch, in_chans, H, W) -> features (batch, H / 32, W / 32, num_features), channels last."""
-        self._check_input(x)
+        check_feature_map(x, "x", self.in_chans, "MedMamba", channels_last=False)
         x = self.pos_drop(self.patch_embed(x))
         for layer in self.layers:
             x = layer(x)

@@ -31,20 +31,19 @@ __all__ = [
 ]
 
 
-def _check_channels_last(x, name, channels, where):
-    """Raise a ValueError unless ``x`` is a (batch, H, W, channels) tensor."""
+def check_feature_map(x, name, channels, where, channels_last=True):
+    """Raise a TypeError or ValueError naming ``name`` unless ``x`` is a 4-dim tensor with ``channels`` channels:
+    (batch, H, W, channels) with ``channels_last``, else (batch, channels, H, W)."""
+    layout, dim, where_c = ((f"(batch, H, W, {channels})", -1, "its last dim") if channels_last
+                            else (f"(batch, {channels}, H, W)", 1, "dim 1"))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: input '{name}' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(
-            f"{where}: input '{name}' must have shape (batch, H, W, {channels}) (4 dims, channels last), "
-            f"got {x.dim()} dims with shape {tuple(x.shape)}"
-        )
-    if x.shape[-1] != channels:
-        raise ValueError(
-            f"{where}: input '{name}' must have {channels} channels in its last dim (batch, H, W, {channels}), "
-            f"got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{where}: input '{name}' must have shape {layout} (4 dims), "
+                         f"got {x.dim()} dims with shape {tuple(x.shape)}")
+    if x.shape[dim] != channels:
+        raise ValueError(f"{where}: input '{name}' must have {channels} channels in {where_c} {layout}, "
+                         f"got shape {tuple(x.shape)}")
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,7 +98,7 @@ class PatchMerging2D(nn.Module):
         self.norm = norm_layer(4 * dim)
 
     def forward(self, x):
-        _check_channels_last(x, "x", self.dim, "PatchMerging2D")
+        check_feature_map(x, "x", self.dim, "PatchMerging2D")
         b, h, w, c = x.shape
         h2, w2 = h // 2, w // 2
         if h2 == 0 or w2 == 0:
@@ -219,7 +218,7 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """x: (batch, H, W, d_model) -> (batch, H, W, d_model)."""
-        _check_channels_last(x, "x", self.d_model, "SS2D")
+        check_feature_map(x, "x", self.d_model, "SS2D")
         b, h, w, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, h, w, d_inner) each
         # the conv reads the channels-last half of in_proj's output in place and writes the
@@ -275,7 +274,7 @@ class SSConvSSM(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """input: (batch, H, W, hidden_dim) -> (batch, H, W, hidden_dim)."""
-        _check_channels_last(input, "input", self.hidden_dim, "SSConvSSM")
+        check_feature_map(input, "input", self.hidden_dim, "SSConvSSM")
         left, right = input.chunk(2, dim=-1)
         right = self.drop_path(self.self_attention(self.ln_1(right)))
         left = self.conv33conv33conv11(left.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)

@@ -2,9 +2,8 @@
 from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv import depthwise_conv2d
 from .depthwise_layernorm import depthwise_conv2d_layernorm
-from .hff_attention import hff_channel_attention, hff_channel_gate, hff_spatial_attention, hff_spatial_gate
+from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .hff_attention_tail import hff_attention_tail
-from .hff_fused_tail import hff_fused_tail
 from .selective_scan import selective_scan
 from .ss2d_scan import ss2d_scan
 
@@ -17,8 +16,5 @@ __all__ = [
     "depthwise_conv2d_layernorm",
     "hff_spatial_attention",
     "hff_channel_attention",
-    "hff_spatial_gate",
-    "hff_channel_gate",
-    "hff_fused_tail",
     "hff_attention_tail",
 ]

@@ -1,11 +1,11 @@
-"""medkernels.ops.hff_spatial_attention / hff_channel_attention (HiFuse's HFF attentions) and their gate
-forms hff_spatial_gate / hff_channel_gate: validation, backend dispatch, torch.library registration and
-autograd.
+"""medkernels.ops.hff_spatial_attention / hff_channel_attention (HiFuse's HFF attentions): validation, backend
+dispatch, torch.library registration and autograd.
 
 One custom op per attention computes either ``x * gate`` or, with ``gate_only``, just the gate (in the
-accumulation dtype: float32, or float64 for float64 inputs), so that :func:`medkernels.ops.hff_fused_tail`
-can apply the gates without a gated copy of the input. The forward also returns the pooled values and
-their argmax, which the kernels' backward reuses instead of reading x again.
+accumulation dtype: float32, or float64 for float64 inputs). The gate forms are private building blocks
+(``_spatial_gate``, ``_channel_gate``): :func:`medkernels.ops.hff_attention_tail` runs the same gate kernels and
+applies the gates inside its fusion tail, and the kernel tests check the gates on their own. The forward also
+returns the pooled values and their argmax, which the kernels' backward reuses instead of reading x again.
 """
 import importlib
 from typing import List, Optional
@@ -15,7 +15,8 @@ import torch
 from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
-from ._common import acc_dtype, check_same_device, check_tensor, empty_batch_to_ref, vjp
+from ._common import acc_dtype, empty_batch_to_ref, vjp
+from ._hff_common import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
 from .hff_attention_ref import (
     channel_pool_ref,
     hff_channel_attention_ref,
@@ -24,17 +25,6 @@ from .hff_attention_ref import (
     hff_spatial_gate_ref,
     spatial_pool_ref,
 )
-
-
-def acc_operand(t, like):
-    """A small operand (weight, statistic, gate) as the kernels take it: contiguous, in `like`'s
-    accumulation dtype; None stays None."""
-    return None if t is None else t.to(acc_dtype(like)).contiguous()
-
-
-def restore_grad(grad, t):
-    """A kernel gradient back to its input's shape and dtype (None where the input is absent)."""
-    return None if t is None else grad.reshape(t.shape).to(t.dtype)
 
 
 # ---- implementations -----------------------------------------------------------------------------
@@ -214,46 +204,6 @@ def _spatial_backward(ctx, grads):
 _spatial_fwd.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 
 
-def validate_spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, name="x"):
-    """Checks the spatial attention's operands (the feature called `name`); returns use_batch_stats."""
-    check_tensor(x, name, ndim=4)
-    if x.shape[1] < 1 or x.shape[2] * x.shape[3] < 1:
-        raise ValueError(f"{name} must have at least one channel and one pixel, got shape {tuple(x.shape)}")
-    check_tensor(conv_weight, "conv_weight", ndim=4)
-    k = conv_weight.shape[-1]
-    if tuple(conv_weight.shape) != (1, 2, k, k) or k % 2 == 0:
-        raise ValueError(f"conv_weight must have shape (1, 2, k, k) with odd k, got {tuple(conv_weight.shape)}")
-    if k > 31:
-        raise ValueError(f"conv_weight's kernel size k = {k} is too large: k <= 31")
-    for arg, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
-        check_tensor(t, arg, ndim=1, optional=True)
-        if t is not None and t.shape[0] != 1:
-            raise ValueError(f"{arg} must have shape (1,), got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    check_same_device(**{name: x}, conv_weight=conv_weight, bn_weight=bn_weight, bn_bias=bn_bias,
-                      running_mean=running_mean, running_var=running_var)
-    use_batch_stats = bool(training) or running_mean is None
-    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"{name} of shape {tuple(x.shape)} has a single value per channel: batch statistics need more than one")
-    if training and running_mean is not None and not isinstance(momentum, (int, float)):
-        raise ValueError(f"momentum must be a number (cumulative averaging is not supported), got {momentum!r}")
-    return use_batch_stats
-
-
-def update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum):
-    """The in-place running-statistics update of nn.BatchNorm2d in training mode (unbiased batch variance).
-
-    Computed in the batch statistics' dtype (float32, float64 for float64 inputs) and rounded once into the
-    running statistics' dtype, as ATen's batch norm does: float16/bfloat16 running statistics are not rounded
-    twice (through a rounded batch statistic)."""
-    if training and running_mean is not None:
-        with torch.no_grad():
-            for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
-                acc = torch.promote_types(running.dtype, batch.dtype)
-                running.copy_(torch.lerp(running.to(acc), batch.to(acc), momentum))
-
-
 def _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, gate_only):
     amp = autocast_dtype(x)
     if amp is not None:  # nothing is cast (see hff_spatial_attention), and the reference must not cast either
@@ -286,7 +236,7 @@ def hff_spatial_attention(
     return _spatial(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, False)
 
 
-def hff_spatial_gate(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+def _spatial_gate(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
     """The gate of :func:`hff_spatial_attention`: ``sigmoid(BN(conv(cat[max_c x, mean_c x])))``.
 
     Same arguments and BatchNorm semantics (running statistics updated in place when ``training``).
@@ -345,28 +295,6 @@ def _channel_backward(ctx, grads):
 _channel_fwd.register_autograd(_channel_backward, setup_context=_channel_setup)
 
 
-def validate_channel(x, fc1_weight, fc2_weight, name="x"):
-    """Checks the channel attention's operands (the feature called `name`); returns the weights as
-    (C // r, C) and (C, C // r) matrices."""
-    check_tensor(x, name, ndim=4)
-    check_tensor(fc1_weight, "fc1_weight", ndim=(2, 4))
-    check_tensor(fc2_weight, "fc2_weight", ndim=(2, 4))
-    channels = x.shape[1]
-    w1 = fc1_weight.flatten(1) if fc1_weight.dim() == 4 else fc1_weight
-    w2 = fc2_weight.flatten(1) if fc2_weight.dim() == 4 else fc2_weight
-    if (fc1_weight.dim() == 4 and fc1_weight.shape[2:] != (1, 1)) or w1.shape[1] != channels:
-        raise ValueError(f"fc1_weight must have shape (C // r, C) or (C // r, C, 1, 1) with C = {channels}, got {tuple(fc1_weight.shape)}")
-    hidden = w1.shape[0]
-    if (fc2_weight.dim() == 4 and fc2_weight.shape[2:] != (1, 1)) or tuple(w2.shape) != (channels, hidden):
-        raise ValueError(f"fc2_weight must have shape (C, C // r) = ({channels}, {hidden}) (or with 1x1 dims), got {tuple(fc2_weight.shape)}")
-    if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"{name} must have a non-empty spatial size to pool over, got {tuple(x.shape)}")
-    if channels == 0:
-        raise ValueError(f"{name} must have at least one channel, got shape {tuple(x.shape)}")
-    check_same_device(**{name: x}, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
-    return w1, w2
-
-
 def _channel(x, fc1_weight, fc2_weight, gate_only):
     amp = autocast_dtype(x)
     if amp is not None:
@@ -388,7 +316,7 @@ def hff_channel_attention(x, fc1_weight, fc2_weight):
     return _channel(x, fc1_weight, fc2_weight, False)
 
 
-def hff_channel_gate(x, fc1_weight, fc2_weight):
+def _channel_gate(x, fc1_weight, fc2_weight):
     """The gate of :func:`hff_channel_attention`: ``sigmoid(mlp(maxpool(x)) + mlp(avgpool(x)))``.
 
     Same arguments. Returns ``(B, C, 1, 1)`` in float32 (float64 for float64 x); ``x * gate`` is the

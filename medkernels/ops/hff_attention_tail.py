@@ -1,9 +1,12 @@
 """medkernels.ops.hff_attention_tail: HFFBlock's spatial attention, channel attention, concatenation and norm3 as
 one op (validation, backend dispatch, torch.library registration and autograd).
 
-The same computation as hff_spatial_gate + hff_channel_gate + hff_fused_tail, in one custom op: its backward
-adds the gates' pooling gradients in place into the tail's d loss / d l and d loss / d g (instead of autograd
-summing separate full-size gradients), and the three kernels' per-call overhead is paid once.
+Its kernels are three building blocks run in sequence: the spatial gate of l and the channel gate of g (the gate
+forms of the HFF attentions' kernels) and the fusion tail, which applies both gates, concatenates and normalises
+without any gated or concatenated copy. The backward adds the gates' pooling gradients in place into the tail's
+d loss / d l and d loss / d g (instead of autograd summing separate full-size gradients), and the per-call
+overhead is paid once. ``_fused_tail`` runs the fusion tail kernels alone (for their tests); it is no op of its
+own.
 """
 import importlib
 from typing import List, Optional
@@ -14,11 +17,9 @@ from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
 from ._common import acc_dtype, eager_plain, empty_batch_to_ref, vjp
-from .hff_attention import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial
+from ._hff_common import acc_operand, restore_grad, update_running_stats, validate_channel, validate_spatial, validate_tail
 from .hff_attention_ref import channel_pool_ref, hff_channel_gate_ref, hff_spatial_gate_ref, spatial_pool_ref
-from .hff_attention_tail_ref import hff_attention_tail_ref
-from .hff_fused_tail import validate_tail
-from .hff_fused_tail_ref import hff_fused_tail_ref
+from .hff_attention_tail_ref import hff_attention_tail_ref, hff_fused_tail_ref
 
 # The forward's outputs after (out, batch_mean, batch_var) are saved for the backward: the spatial pooled
 # values (B, 2, H, W) and argmax (B, H, W), the channel pooled values (B, 2, C2) and argmax (B, C2), the gates
@@ -210,12 +211,12 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
     """HFFBlock's ``norm3(cat[g * channel_gate(g), l * spatial_gate(l), x_f])`` in one op.
 
     l: ``(B, C1, H, W)`` local feature, g: ``(B, C2, H, W)`` global feature, x_f: ``(B, Ci, H, W)`` fused feature,
-    one dtype. The spatial gate of l is :func:`hff_spatial_gate`'s (conv_weight ``(1, 2, k, k)``; bn_weight,
+    one dtype. The spatial gate of l is :func:`hff_spatial_attention`'s (conv_weight ``(1, 2, k, k)``; bn_weight,
     bn_bias, running_mean, running_var ``(1,)`` or None; BatchNorm as ``F.batch_norm(..., training, momentum,
     bn_eps)``, running statistics updated in place when ``training``), the channel gate of g is
-    :func:`hff_channel_gate`'s (fc1_weight ``(C2 // r, C2)``, fc2_weight ``(C2, C2 // r)``, or with 1x1 dims),
-    and the LayerNorm over the C2 + C1 + Ci channels is :func:`hff_fused_tail`'s (ln_weight, ln_bias
-    ``(C2 + C1 + Ci,)``, ``ln_eps``). Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in l, g, x_f
+    :func:`hff_channel_attention`'s (fc1_weight ``(C2 // r, C2)``, fc2_weight ``(C2, C2 // r)``, or with 1x1
+    dims), and the LayerNorm over the C2 + C1 + Ci channels is HiFuse's channels-first LayerNorm (biased
+    variance, ``ln_eps`` inside the square root; ln_weight, ln_bias ``(C2 + C1 + Ci,)``). Returns ``(B, C2 + C1 + Ci, H, W)`` in l's dtype. Differentiable in l, g, x_f
     and every weight. The weights and statistics may be float32 for half features; the gates and the LayerNorm
     statistics are computed in float32 (float64 for float64 features).
 
@@ -242,3 +243,36 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
         out, batch_mean, batch_var, *_ = _fwd(*args)
     update_running_stats(running_mean, running_var, batch_mean, batch_var, training, momentum)
     return out
+
+
+class _FusedTail(torch.autograd.Function):
+    """The fusion tail kernels of a compiled or Triton backend alone, with the gates given."""
+
+    @staticmethod
+    def forward(ctx, kernels, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps):
+        inputs = (l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
+        operands = [t.contiguous() for t in inputs[:3]] + [acc_operand(t, l) for t in inputs[3:]]
+        out, mean, rstd = kernels.tail_fwd(*operands, eps)
+        ctx.kernels = kernels
+        ctx.save_for_backward(*inputs, mean, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        *inputs, mean, rstd = ctx.saved_tensors
+        operands = [t.contiguous() for t in inputs[:3]] + [acc_operand(t, inputs[0]) for t in inputs[3:]]
+        grads = ctx.kernels.tail_bwd(dout.to(inputs[0].dtype).contiguous(), *operands, mean, rstd)
+        return (None,) + tuple(restore_grad(d, t) for d, t in zip(grads, inputs)) + (None,)
+
+
+def _fused_tail(l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps, backend):
+    """``LayerNorm_channels(cat[g * channel_gate, l * spatial_gate, x_f])`` on `backend`'s fusion tail kernels:
+    hff_attention_tail's last step on its own, for the kernels' tests. spatial_gate: (B, 1, H, W), channel_gate:
+    (B, C2, 1, 1), the rest as in hff_attention_tail; differentiable in every tensor. The reference backend has no
+    kernels of its own (its fusion tail is hff_fused_tail_ref)."""
+    validate_tail(l, g, x_f, ln_weight, ln_bias)
+    kernels = HFF_ATTENTION_TAIL.impl(backend)
+    if not isinstance(kernels, _KernelImpl):
+        raise ValueError(f"backend {backend!r} has no fusion tail kernels: its fusion tail is hff_fused_tail_ref")
+    return _FusedTail.apply(kernels, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, float(eps))

@@ -28,7 +28,6 @@ def _sample_calls():
         "hff_spatial_attention_eval": (ops_.hff_spatial_attention_fwd, (r(2, 3, 5, 5), r(1, 2, 7, 7), r(1), r(1), r(1), r(1).abs() + 1, False, 1e-5)),
         "hff_spatial_attention_train": (ops_.hff_spatial_attention_fwd, (r(2, 3, 5, 5), r(1, 2, 7, 7), r(1), r(1), None, None, True, 1e-5)),
         "hff_channel_attention_fwd": (ops_.hff_channel_attention_fwd, (r(2, 8, 3, 4), r(2, 8), r(8, 2))),
-        "hff_fused_tail_fwd": (ops_.hff_fused_tail_fwd, (l, gl, x_f, r(2, 1, 5, 5).sigmoid(), r(2, 4, 1, 1).sigmoid(), r(9), r(9), 1e-6)),
         "hff_attention_tail_fwd_train": (ops_.hff_attention_tail_fwd, (l, gl, x_f, r(1, 2, 7, 7), r(1), r(1), None, None, True, 1e-5, r(2, 4), r(4, 2), r(9), r(9), 1e-6)),
     }
 
@@ -52,9 +51,6 @@ def _backward_calls(backend):
     _, args = calls["hff_channel_attention_fwd"]
     y, pooled, argmax = ops_.hff_channel_attention_fwd(*args, backend, False)
     result["hff_channel_attention_bwd"] = (ops_.hff_channel_attention_bwd, (like(y), pooled, argmax) + args)
-    _, args = calls["hff_fused_tail_fwd"]
-    out, mean, rstd = ops_.hff_fused_tail_fwd(*args, backend)
-    result["hff_fused_tail_bwd"] = (ops_.hff_fused_tail_bwd, (like(out),) + args[:7] + (mean, rstd, args[7]))
     _, args = calls["hff_attention_tail_fwd_train"]
     out, *saved = ops_.hff_attention_tail_fwd(*args, backend)
     result["hff_attention_tail_bwd"] = (ops_.hff_attention_tail_bwd, (like(out), saved[2:]) + args)
@@ -72,8 +68,8 @@ TRAILING = {"depthwise_conv2d_fwd": (None,), "hff_spatial_attention_eval": (Fals
             "hff_spatial_attention_bwd": (False,), "hff_channel_attention_bwd": (False,)}
 
 
-# the HFF forward ops and the depthwise conv in other layouts have their opcheck in test_hff_kernels.py and
-# test_depthwise_conv_kernels.py; here they only feed the backward ops below
+# the HFF forward ops and the depthwise conv in other layouts have their opcheck in kernels/test_hff_attention_kernels.py and
+# kernels/test_depthwise_conv2d_kernels.py; here they only feed the backward ops below
 FORWARD_CHECKED_HERE = ["selective_scan_fwd", "ss2d_scan_fwd", "cross_scan", "cross_merge", "depthwise_conv2d_fwd",
                         "depthwise_conv2d_layernorm_fwd_channels_last", "hff_spatial_attention_eval",
                         "hff_channel_attention_fwd"]
@@ -87,7 +83,7 @@ def test_opcheck(cpu_backend, name):
 
 
 @pytest.mark.parametrize("name", ["depthwise_conv2d_bwd", "depthwise_conv2d_layernorm_bwd", "hff_spatial_attention_bwd",
-                                  "hff_channel_attention_bwd", "hff_fused_tail_bwd", "hff_attention_tail_bwd",
+                                  "hff_channel_attention_bwd", "hff_attention_tail_bwd",
                                   "selective_scan_bwd", "ss2d_scan_bwd"])
 def test_opcheck_backward_ops(cpu_backend, name):
     if cpu_backend == "ref":

@@ -1,28 +1,23 @@
-"""The fused HFF ops (spatial and channel gates / attentions, the fusion tail) on every backend against their
-float64 references: outputs, gradients, BatchNorm running statistics, the pooling's ties, determinism,
-torch.library registration and bad inputs."""
+"""The HFF op family's kernels on every backend against their float64 references: the spatial and channel
+attentions, their gate forms and the fusion tail (hff_attention_tail's private building blocks, checked on
+their own here) and the combined op: outputs, gradients, BatchNorm running statistics, the pooling's ties,
+determinism, torch.library registration and bad inputs."""
 import pytest
 import torch
 
 import medkernels
 from medkernels import _ext
-from medkernels.ops import (
-    hff_attention_tail,
-    hff_channel_attention,
-    hff_channel_gate,
-    hff_fused_tail,
-    hff_spatial_attention,
-    hff_spatial_gate,
-)
+from medkernels.ops import hff_attention_tail, hff_channel_attention, hff_spatial_attention
+from medkernels.ops._hff_common import update_running_stats
+from medkernels.ops.hff_attention import _channel_gate, _spatial_gate
+from medkernels.ops.hff_attention_tail import _fused_tail
 from medkernels.ops.hff_attention_ref import (
     hff_channel_attention_ref,
     hff_channel_gate_ref,
     hff_spatial_attention_ref,
     hff_spatial_gate_ref,
 )
-from medkernels.ops.hff_attention import update_running_stats
-from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
-from medkernels.ops.hff_fused_tail_ref import hff_fused_tail_ref
+from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref, hff_fused_tail_ref
 
 from helpers.hff_utils import DTYPE_CASES, assert_close_scaled, channels_last_like, rand, randn, tolerance
 
@@ -70,7 +65,7 @@ def test_spatial_matches_reference(device_backend, dtype_case, gate_only, traini
     params64 = _spatial_params(1)
     params = _leaves(params64, dtype, device)
     running = [s.to(device=device, dtype=dtype).clone() for s in stats64]
-    fn = hff_spatial_gate if gate_only else hff_spatial_attention
+    fn = _spatial_gate if gate_only else hff_spatial_attention
     with medkernels.use_backend(backend):
         out = fn(x, *params, *running, training, momentum=0.3, eps=1e-4)
         got = _grads(out, [x] + params, 6)
@@ -96,7 +91,7 @@ def test_spatial_without_bn_affine_or_running_stats(cpu_backend):
     x = randn(shape, 10, torch.float32).requires_grad_(True)
     cw = randn((1, 2, 5, 5), 11, torch.float32, scale=0.3).requires_grad_(True)
     with medkernels.use_backend(cpu_backend):
-        out = hff_spatial_gate(x, cw, None, None, None, None, training=False)
+        out = _spatial_gate(x, cw, None, None, None, None, training=False)
         got = _grads(out, [x, cw], 12)
     xr, cwr = x.detach().double().requires_grad_(True), cw.detach().double().requires_grad_(True)
     expected = hff_spatial_gate_ref(xr, cwr, None, None, None, None, True, 1e-5)[0]
@@ -116,7 +111,7 @@ def test_channel_matches_reference(device_backend, dtype_case, gate_only):
     C, hidden = shape[1], 3
     x = channels_last_like(randn(shape, 20, dtype, scale=2.0)).to(device).requires_grad_(True)
     weights = _leaves([randn((hidden, C, 1, 1), 21, scale=0.5), randn((C, hidden, 1, 1), 22, scale=0.5)], dtype, device)
-    fn = hff_channel_gate if gate_only else hff_channel_attention
+    fn = _channel_gate if gate_only else hff_channel_attention
     with medkernels.use_backend(backend):
         out = fn(x, *weights)
         got = _grads(out, [x] + weights, 23)
@@ -138,6 +133,8 @@ def test_channel_matches_reference(device_backend, dtype_case, gate_only):
 @pytest.mark.parametrize("dtype_case", DTYPE_CASES)
 def test_fused_tail_matches_reference(device_backend, dtype_case):
     device, backend = device_backend
+    if backend == "ref":
+        pytest.skip("the reference backend's fusion tail is hff_fused_tail_ref itself")
     dtype = dtype_case[0]
     B, C, H, W = _shape(backend)
     C1, C2, Ci = C, C + 2, C - 1
@@ -150,7 +147,7 @@ def test_fused_tail_matches_reference(device_backend, dtype_case):
     w, b = randn((C1 + C2 + Ci,), 35, acc, scale=0.5, shift=1.0), randn((C1 + C2 + Ci,), 36, acc, scale=0.2)
     inputs = _leaves([l, g, x_f, sg, cg, w, b], None, device)
     with medkernels.use_backend(backend):
-        out = hff_fused_tail(*inputs, eps=1e-6)
+        out = _fused_tail(*inputs, 1e-6, backend)
         got = _grads(out, inputs, 37)
     inputs_r = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
     expected = hff_fused_tail_ref(*inputs_r, 1e-6)[0]
@@ -226,17 +223,19 @@ def _check_attention_tail(device, backend, dtype_case, training):
         assert_close_scaled(s, expected_stat, tolerance(s, "output"), "running stat")
 
 
-def _three_ops(l, g, x_f, cw, bw, bb, rm, rv, training, w1, w2, lnw, lnb, momentum, bn_eps, ln_eps):
-    sg = hff_spatial_gate(l, cw, bw, bb, rm, rv, training, momentum=momentum, eps=bn_eps)
-    return hff_fused_tail(l, g, x_f, sg, hff_channel_gate(g, w1, w2), lnw, lnb, eps=ln_eps)
+def test_attention_tail_is_its_three_building_blocks(cpu_backend):
+    """The combined op and its building blocks called one by one (spatial gate, channel gate, fusion tail)
+    compute the same on one backend (only the order of the additions into dl and dg differs)."""
+    if cpu_backend == "ref":
+        pytest.skip("the reference backend has no fusion tail kernels")
 
+    def three_ops(l, g, x_f, cw, bw, bb, rm, rv, training, w1, w2, lnw, lnb, momentum, bn_eps, ln_eps):
+        sg = _spatial_gate(l, cw, bw, bb, rm, rv, training, momentum=momentum, eps=bn_eps)
+        return _fused_tail(l, g, x_f, sg, _channel_gate(g, w1, w2), lnw, lnb, ln_eps, cpu_backend)
 
-def test_attention_tail_is_the_three_ops(cpu_backend):
-    """The combined op and hff_spatial_gate + hff_channel_gate + hff_fused_tail compute the same on one backend
-    (only the order of the additions into dl and dg differs)."""
     features, weights, stats = _attention_tail_case(cpu_backend, torch.float32, seed=95)
     results = []
-    for fn in (hff_attention_tail, _three_ops):
+    for fn in (hff_attention_tail, three_ops):
         inputs = [t.clone().requires_grad_(True) for t in features + weights]
         running = [s.clone() for s in stats]
         with medkernels.use_backend(cpu_backend):
@@ -306,8 +305,8 @@ def test_max_ties_route_to_the_first_index(device_backend):
     w1, w2 = randn((2, shape[1]), 42, scale=0.5), randn((shape[1], 2), 43, scale=0.5)
     x = x64.float().to(device).requires_grad_(True)
     with medkernels.use_backend(backend):
-        sg = hff_spatial_gate(x, cw.float().to(device), bw.float().to(device), bb.float().to(device), None, None, True)
-        cg = hff_channel_gate(x, w1.float().to(device), w2.float().to(device))
+        sg = _spatial_gate(x, cw.float().to(device), bw.float().to(device), bb.float().to(device), None, None, True)
+        cg = _channel_gate(x, w1.float().to(device), w2.float().to(device))
         dx = torch.autograd.grad((sg * randn(sg.shape, 44, torch.float32).to(device)).sum()
                                  + (cg * randn(cg.shape, 45, torch.float32).to(device)).sum(), x)[0]
     xr = x64.clone().requires_grad_(True)
@@ -374,8 +373,8 @@ def test_nan_and_inf_inputs_propagate_like_the_reference(device_backend, rows):
     spatial_leaves, channel_leaves = [x, cw, bw, bb], [x, w1, w2]
     leaves = _leaves(spatial_leaves + channel_leaves[1:], None, device)
     with medkernels.use_backend(backend):
-        sg = hff_spatial_gate(*leaves[:4], *[s.to(device) for s in stats], False)
-        cg = hff_channel_gate(leaves[0], *leaves[4:])
+        sg = _spatial_gate(*leaves[:4], *[s.to(device) for s in stats], False)
+        cg = _channel_gate(leaves[0], *leaves[4:])
         got = [_grads(sg, leaves[:4], 124), _grads(cg, [leaves[0]] + leaves[4:], 125)]
         on = [t.to(device) for t in (x, cw, bw, bb, *stats)]
         out = hff_attention_tail(on[0], on[0], *on, False, *[t.to(device) for t in (w1, w2, lnw, lnb)])
@@ -397,10 +396,11 @@ def test_nan_and_inf_inputs_propagate_like_the_reference(device_backend, rows):
 # ---- determinism -------------------------------------------------------------------------------------------
 
 def _all_ops_once(x, sgw, w1, w2, lnw, lnb):
-    """Every op (gates, attentions, fusion tail, combined op) forward and backward on x: [outputs..., grads...]."""
-    sg = hff_spatial_gate(x, *sgw, None, None, True)
-    cg = hff_channel_gate(x, w1, w2)
-    outs = [hff_fused_tail(x, x, x, sg, cg, lnw, lnb), hff_spatial_attention(x, *sgw, None, None, True),
+    """Every kernel (gates, attentions, fusion tail, combined op) forward and backward on x on the cpu backend:
+    [outputs..., grads...]."""
+    sg = _spatial_gate(x, *sgw, None, None, True)
+    cg = _channel_gate(x, w1, w2)
+    outs = [_fused_tail(x, x, x, sg, cg, lnw, lnb, 1e-6, "cpu"), hff_spatial_attention(x, *sgw, None, None, True),
             hff_channel_attention(x, w1, w2),
             hff_attention_tail(x, x, x, *sgw, None, None, True, w1, w2, lnw, lnb)]
     leaves = [x, *sgw, w1, w2, lnw, lnb]
@@ -475,7 +475,6 @@ def _opcheck_calls():
         "channel_gate": (ops.hff_channel_attention_fwd, (r(2, 6, 3, 4, seed=69), r(2, 6, seed=70), r(6, 2, seed=71)), True),
         "attention_tail_train": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=84), r(2, 4, 4, 3, seed=85), r(2, 2, 4, 3, seed=86), r(1, 2, 3, 3, seed=87), r(1, seed=88), None, None, None, True, 1e-5, r(2, 4, seed=89), r(4, 2, seed=90), r(9, seed=91), r(9, seed=92), 1e-6), None),
         "attention_tail_eval": (ops.hff_attention_tail_fwd, (r(2, 3, 4, 3, seed=93), r(2, 4, 4, 3, seed=94), r(2, 2, 4, 3, seed=95), r(1, 2, 3, 3, seed=96), None, r(1, seed=97), r(1, seed=98), r(1, seed=99).abs() + 1, False, 1e-5, r(2, 4, seed=100), r(4, 2, seed=101), r(9, seed=102), r(9, seed=103), 1e-6), None),
-        "fused_tail": (ops.hff_fused_tail_fwd, (r(2, 3, 4, 3, seed=72), r(2, 2, 4, 3, seed=73), r(2, 4, 4, 3, seed=74), r(2, 1, 4, 3, seed=75), r(2, 2, 1, 1, seed=76), r(9, seed=77), r(9, seed=78), 1e-6), None),
     }
 
 
@@ -493,8 +492,7 @@ def test_hff_path_compiles_without_graph_breaks(cpu_backend):
     lnw, lnb = torch.ones(12), torch.zeros(12)
 
     def fn(x):
-        sg = hff_spatial_gate(x, cw, bw, bb, None, None, True)
-        return hff_fused_tail(x, x, x, sg, hff_channel_gate(x, w1, w2), lnw, lnb)
+        return hff_attention_tail(x, x, x, cw, bw, bb, None, None, True, w1, w2, lnw, lnb)
 
     with medkernels.use_backend(cpu_backend):
         eager = fn(x)
@@ -525,20 +523,16 @@ def _tail_args(**changes):
 @pytest.mark.parametrize(
     "call, exc, word",
     [
-        pytest.param(lambda: hff_fused_tail(**_tail_args(l=torch.zeros(2, 3, 4))), ValueError, "l", id="tail-l-rank"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(g=torch.zeros(2, 2, 4, 6))), ValueError, "g", id="tail-g-shape"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(x_f=torch.zeros(2, 4, 4, 5, dtype=torch.float64))), TypeError, "x_f", id="tail-x_f-dtype"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(g=torch.zeros(2, 2, 4, 5, dtype=torch.int64))), TypeError, "g", id="tail-g-int"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(spatial_gate=torch.zeros(2, 2, 4, 5))), ValueError, "spatial_gate", id="tail-spatial-gate-shape"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(channel_gate=torch.zeros(2, 3, 1, 1))), ValueError, "channel_gate", id="tail-channel-gate-shape"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_weight=torch.ones(8))), ValueError, "ln_weight", id="tail-ln-weight-shape"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_bias=torch.zeros(9, dtype=torch.int32))), TypeError, "ln_bias", id="tail-ln-bias-int"),
-        pytest.param(lambda: hff_fused_tail(**_tail_args(ln_bias=torch.zeros(9, device="meta"))), ValueError, "device", id="tail-mixed-devices"),
-        pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 0, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True), ValueError, "x", id="spatial-gate-no-channels"),
-        pytest.param(lambda: hff_spatial_gate(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7, dtype=torch.int64), None, None, None, None, True), TypeError, "conv_weight", id="spatial-gate-int-weight"),
-        pytest.param(lambda: hff_channel_gate(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 3, 1), torch.zeros(8, 2)), ValueError, "fc1_weight", id="channel-gate-fc1-shape"),
+        pytest.param(lambda: _attention_tail_call(g=torch.zeros(2, 2, 4, 6)), ValueError, r"\bg\b", id="attention-tail-g-shape"),
+        pytest.param(lambda: _attention_tail_call(g=torch.zeros(2, 2, 4, 5, dtype=torch.int64)), TypeError, r"\bg\b", id="attention-tail-g-int"),
+        pytest.param(lambda: _attention_tail_call(ln_bias=torch.zeros(9, dtype=torch.int32)), TypeError, "ln_bias", id="attention-tail-ln-bias-int"),
+        pytest.param(lambda: _fused_tail(**_tail_args(ln_weight=torch.ones(8)), eps=1e-6, backend="cpu"), ValueError, "ln_weight", id="fused-tail-ln-weight-shape"),
+        pytest.param(lambda: _fused_tail(**_tail_args(), eps=1e-6, backend="ref"), ValueError, "fusion tail kernels", id="fused-tail-on-ref"),
+        pytest.param(lambda: hff_spatial_attention(torch.zeros(2, 0, 4, 4), torch.zeros(1, 2, 7, 7), None, None, None, None, True), ValueError, r"\bx\b", id="spatial-no-channels"),
+        pytest.param(lambda: hff_spatial_attention(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 7, 7, dtype=torch.int64), None, None, None, None, True), TypeError, "conv_weight", id="spatial-int-weight"),
+        pytest.param(lambda: hff_channel_attention(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 3, 1), torch.zeros(8, 2)), ValueError, "fc1_weight", id="channel-fc1-shape"),
         pytest.param(lambda: _attention_tail_call(g=torch.zeros(2, 4, 4, 5)), ValueError, "fc1_weight", id="attention-tail-g-channels"),
-        pytest.param(lambda: _attention_tail_call(l=torch.zeros(2, 3, 4)), ValueError, "l", id="attention-tail-l-rank"),
+        pytest.param(lambda: _attention_tail_call(l=torch.zeros(2, 3, 4)), ValueError, r"\bl\b", id="attention-tail-l-rank"),
         pytest.param(lambda: _attention_tail_call(x_f=torch.zeros(2, 4, 4, 5, dtype=torch.float16)), TypeError, "x_f", id="attention-tail-x_f-dtype"),
         pytest.param(lambda: _attention_tail_call(conv_weight=torch.zeros(1, 2, 7, 7, dtype=torch.int32)), TypeError, "conv_weight", id="attention-tail-int-conv"),
         pytest.param(lambda: _attention_tail_call(ln_weight=torch.ones(10)), ValueError, "ln_weight", id="attention-tail-ln-shape"),
@@ -596,8 +590,6 @@ def test_float16_running_stats_are_rounded_once_like_batch_norm():
     from the float32 batch statistics and rounded once (a float16-rounded batch statistic would round twice)."""
     import torch.nn.functional as F
 
-    from medkernels.ops.hff_attention import update_running_stats
-
     for seed in range(128):  # a double rounding changes about one value in ten
         z = randn((16, 1, 1, 1), 130 + seed, torch.float16, scale=0.3, shift=1.0)
         initial = [rand((1,), 200 + seed, torch.float16, 0.5, 1.5), rand((1,), 300 + seed, torch.float16, 0.5, 1.5)]
@@ -629,13 +621,14 @@ def test_empty_batch(device_backend):
     with medkernels.use_backend(backend):
         results = {
             "spatial attention": (hff_spatial_attention(l, cw, bw, bb, *stats, False), [l, cw, bw, bb]),
-            "spatial gate": (hff_spatial_gate(l, cw, bw, bb, *stats, False), [l, cw, bw, bb]),
+            "spatial gate": (_spatial_gate(l, cw, bw, bb, *stats, False), [l, cw, bw, bb]),
             "channel attention": (hff_channel_attention(g, w1, w2), [g, w1, w2]),
-            "channel gate": (hff_channel_gate(g, w1, w2), [g, w1, w2]),
-            "fused tail": (hff_fused_tail(l, g, x_f, sg, cg, lnw, lnb), [l, g, x_f, sg, cg, lnw, lnb]),
+            "channel gate": (_channel_gate(g, w1, w2), [g, w1, w2]),
             "attention tail": (hff_attention_tail(l, g, x_f, cw, bw, bb, *stats, False, w1, w2, lnw, lnb),
                                [l, g, x_f, cw, bw, bb, w1, w2, lnw, lnb]),
         }
+        if backend != "ref":  # the reference backend has no fusion tail kernels
+            results["fused tail"] = (_fused_tail(l, g, x_f, sg, cg, lnw, lnb, 1e-6, backend), [l, g, x_f, sg, cg, lnw, lnb])
         shapes = {"spatial attention": (0, C1, H, W), "spatial gate": (0, 1, H, W), "channel attention": (0, C2, H, W),
                   "channel gate": (0, C2, 1, 1), "fused tail": (0, C1 + C2 + Ci, H, W),
                   "attention tail": (0, C1 + C2 + Ci, H, W)}

@@ -1,10 +1,11 @@
 """torch.autograd.gradcheck in float64 for the fused ops without one elsewhere: depthwise_conv2d_layernorm,
-hff_fused_tail and hff_attention_tail (the other ops have theirs beside their tests)."""
+hff_attention_tail and its fusion tail kernels alone (the other ops have theirs beside their tests)."""
 import pytest
 import torch
 
 import medkernels
 from medkernels import ops
+from medkernels.ops.hff_attention_tail import _fused_tail
 
 
 def _r(g, *shape, shift=0.0):
@@ -25,11 +26,13 @@ def test_depthwise_conv2d_layernorm(cpu_backend, stride):
     _check(cpu_backend, lambda *a: ops.depthwise_conv2d_layernorm(*a, stride=stride), inputs)
 
 
-def test_hff_fused_tail(cpu_backend):
+def test_hff_fusion_tail_kernels(cpu_backend):
+    if cpu_backend == "ref":
+        pytest.skip("the reference backend has no fusion tail kernels (its fusion tail is hff_fused_tail_ref)")
     g = torch.Generator().manual_seed(1)
     inputs = (_r(g, 2, 2, 3, 4), _r(g, 2, 3, 3, 4), _r(g, 2, 2, 3, 4), _r(g, 2, 1, 3, 4), _r(g, 2, 3, 1, 1),
               _r(g, 7, shift=1.0), _r(g, 7))
-    _check(cpu_backend, lambda *a: ops.hff_fused_tail(*a, eps=1e-6), inputs)
+    _check(cpu_backend, lambda *a: _fused_tail(*a, 1e-6, cpu_backend), inputs)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
