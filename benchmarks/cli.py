@@ -51,6 +51,8 @@ def _parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--update-readme", metavar="README", help="write this device's table into README between "
                    "its <!-- bench:cpu|cuda --> markers")
+    p.add_argument("--profile", action="store_true", help="first argument only: where each network's time goes, "
+                   "by its modules (python -m benchmarks --profile --help)")
     p.add_argument("--readme-from", metavar="JSON", nargs="+", help="do not run anything: write the README "
                    "tables (--update-readme, default README.md) from these run JSONs")
     return p
@@ -92,6 +94,11 @@ def _notes(device, quick):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--profile"]:  # the per-module profile has its own options (benchmarks/profile.py)
+        from .profile import main as profile_main
+
+        return profile_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.list:
