@@ -189,18 +189,19 @@ def test_cross_scan_bf16_rounding_and_specials(backend):
 
 
 def test_rejects_bad_arguments(backend):
+    """Each error names the argument as a word ("x" alone would match the x of "expected") and what is wrong."""
     scan, merge, device = backend
-    with pytest.raises(ValueError, match=r"x.*4-D"):
+    with pytest.raises(ValueError, match=r"\bx\b.*\b4-D\b"):
         scan(torch.zeros(2, 3, 4, device=device))
-    with pytest.raises(ValueError, match=r"x.*contiguous"):
+    with pytest.raises(ValueError, match=r"\bx\b.*\bcontiguous\b"):
         scan(torch.zeros(2, 3, 4, 5, device=device).transpose(2, 3))
-    with pytest.raises(TypeError, match=r"x.*dtype"):
+    with pytest.raises(TypeError, match=r"\bx\b.*\bdtype\b"):
         scan(torch.zeros(2, 3, 4, 5, dtype=torch.int32, device=device))
-    with pytest.raises(ValueError, match=r"y.*5-D"):
+    with pytest.raises(ValueError, match=r"\by\b.*\b5-D\b"):
         merge(torch.zeros(2, 4, 3, 20, device=device))
-    with pytest.raises(ValueError, match=r"4"):
+    with pytest.raises(ValueError, match=r"\by\b.*== 4 \(one slice per scan direction\)"):
         merge(torch.zeros(2, 3, 3, 4, 5, device=device))
-    with pytest.raises(ValueError, match=r"y.*contiguous"):
+    with pytest.raises(ValueError, match=r"\by\b.*\bcontiguous\b"):
         merge(torch.zeros(2, 4, 3, 5, 4, device=device).transpose(3, 4))
 
 

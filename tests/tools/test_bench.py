@@ -137,20 +137,85 @@ def test_every_row_is_in_the_markdown_beside_the_json(run):
     assert md.count("| medmamba_t | ") == len([r for r in run["data"]["model_rows"] if r["op"] == "medmamba_t"])
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    """(width, height) from the PNG's IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def test_plot_from_redraws_without_timing(run, tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is a benchmark dependency (requirements-bench.txt)")
+    import matplotlib  # noqa: F401  (a dev requirement: missing, this fails instead of skipping)
+
     copy = tmp_path / "again.json"
     copy.write_text(run["path"].read_text())
     assert cli.main(["--plot-from", str(copy)]) == 0
-    assert copy.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _png_size(copy.with_suffix(".png")) == _png_size(run["path"].with_suffix(".png"))
     assert copy.with_suffix(".md").read_text() == run["path"].with_suffix(".md").read_text().replace(
         run["path"].name, copy.name)
 
 
 def test_plot_is_written(run):
-    pytest.importorskip("matplotlib", reason="matplotlib is a benchmark dependency (requirements-bench.txt)")
+    """The run writes a PNG beside its JSON, of a sane size, and says so."""
+    import matplotlib  # noqa: F401  (a dev requirement: missing, this fails instead of skipping)
+
     png = run["path"].with_suffix(".png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = _png_size(png)
+    assert 800 <= width <= 2000 and 200 <= height <= 2000
+    assert f"wrote {png}" in run["stdout"] and "no plot" not in run["stdout"]
+
+
+def test_plot_draws_one_bar_label_and_note_per_headline(run, tmp_path, monkeypatch):
+    """One panel per group (ops, networks); per headline speed-up one bar from 1x to its geometric mean, its
+    y label and its "<x>x vs <baseline>" note, first entry on top; a legend entry per baseline; the PNG is that
+    figure (same aspect) and not blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.image import imread
+
+    from benchmarks import plot
+
+    groups = plot.plot_groups(run["data"])
+    assert [title.split(":")[0] for title, _ in groups] == ["ops", "networks"]
+    assert {h["name"] for _, entries in groups for h in entries} == {"selective_scan", "ss2d_scan", "hifuse_tiny",
+                                                                     "medmamba_t"}
+    close = plt.close
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    png = tmp_path / "figure.png"
+    plot.write_plot(run["data"], png)
+    (fig,) = kept
+    try:
+        assert len(fig.axes) == len(groups)
+        for ax, (title, entries) in zip(fig.axes, groups):
+            assert ax.get_title(loc="left") == title
+            top = len(entries) - 1
+            bars = sorted(ax.patches, key=lambda bar: -bar.get_y())
+            assert len(bars) == len(entries)
+            for i, (bar, h) in enumerate(zip(bars, entries)):
+                assert bar.get_y() + bar.get_height() / 2 == pytest.approx(top - i)
+                span = (bar.get_x(), bar.get_x() + bar.get_width())
+                assert span == pytest.approx((min(h["geomean"], 1.0), max(h["geomean"], 1.0)), abs=1.01e-3)
+            labels = {round(t.get_position()[1]): t.get_text() for t in ax.get_yticklabels()}
+            assert labels == {top - i: f"{h['name']}  {plot.PASS_SHORT[h['pass']]}  ({h['what']})"
+                              for i, h in enumerate(entries)}
+            notes = {round(t.xy[1]): t.get_text() for t in ax.texts}
+            assert notes == {top - i: f"{h['geomean']:.3g}x vs {h['baseline']}" for i, h in enumerate(entries)}
+        baselines = list(dict.fromkeys(h["baseline"] for _, entries in groups for h in entries))
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [f"vs {b}" for b in baselines]
+        fig_w, fig_h = fig.get_size_inches()
+    finally:
+        close(fig)
+    width, height = _png_size(png)
+    assert height / width == pytest.approx(fig_h / fig_w, abs=2 / width)
+    pixels = imread(png)
+    assert pixels.shape[:2] == (height, width)
+    assert len(torch.unique(torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])), dim=0)) > 10
 
 
 def test_readme_from_json_replaces_only_the_marked_block(run, tmp_path):
