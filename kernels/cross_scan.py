@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import MAX_GRID_0, MAX_GRID_1, SUPPORTED_DTYPES, check_device, interpreted, launch, round_to_bf16
+from ._utils import MAX_GRID_0, MAX_GRID_1, SUPPORTED_DTYPES, check_device, launch, round_to_bf16, tile_size
 
 __all__ = ["cross_scan_fwd", "cross_merge_fwd", "SUPPORTED_DTYPES", "MAX_BLOCK_L"]
 
@@ -97,10 +97,9 @@ def _check_input(t, op, arg, rank, layout):
 
 def _blocks(rows, L):
     """Tile sizes (BLOCK_R rows, BLOCK_L pixels): about a thousand elements a program on a GPU; the
-    interpreter pays per program, so there a program takes a large tile instead."""
-    if interpreted():
-        return min(64, triton.next_power_of_2(rows)), max(16, min(4096, triton.next_power_of_2(L)))
-    return 4, max(16, min(MAX_BLOCK_L // 4, triton.next_power_of_2(L)))
+    interpreter pays per program, so there a program takes a large tile instead (see tile_size)."""
+    rows2, L2 = triton.next_power_of_2(rows), triton.next_power_of_2(L)
+    return tile_size(min(64, rows2), 4), tile_size(max(16, min(4096, L2)), max(16, min(MAX_BLOCK_L // 4, L2)))
 
 
 def _grid(rows, L, block_r, block_l, op):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (MAX_GRID_1, SUPPORTED_DTYPES, acc_dtype, check_device, interpreted, launch, store_as,
+from ._utils import (MAX_GRID_1, SUPPORTED_DTYPES, acc_dtype, check_device, launch, store_as, tile_size,
                      tl_acc_dtype)
 
 __all__ = [
@@ -268,9 +268,9 @@ def _check(op, x, weight, bias, stride, padding, extra=()):
 
 def _blocks(pixels, C, all_channels=False):
     """(BLOCK_P, BLOCK_C). All channels in one tile for the LayerNorm. The interpreter pays per program, so
-    it gets large tiles."""
-    block_c = triton.next_power_of_2(C) if all_channels else min(64 if interpreted() else 32, triton.next_power_of_2(C))
-    budget = 1 << 16 if interpreted() else 2048
+    it gets large tiles (see tile_size); small tiles are 2 pixels by 2 channels."""
+    block_c = triton.next_power_of_2(C) if all_channels else min(tile_size(64, 32), triton.next_power_of_2(C))
+    budget = tile_size(1 << 16, 2048, 2 * block_c)  # elements a tile
     block_p = max(1, min(triton.next_power_of_2(pixels), budget // block_c))
     return block_p, block_c
 

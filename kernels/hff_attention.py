@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, interpreted, launch, store_as, tl_acc_dtype
+from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, launch, store_as, tile_size, tl_acc_dtype
 
 __all__ = ["hff_spatial_gate_fwd", "hff_spatial_gate_bwd", "hff_channel_gate_fwd", "hff_channel_gate_bwd",
            "SUPPORTED_DTYPES"]
@@ -236,8 +236,9 @@ def _gate_input_grad_kernel(grad_ptr, gate_ptr, dpooled_ptr, argmax_ptr, dx_ptr,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 def _tile(n, gpu_cap, interp_cap):
-    """A power-of-two block over n elements: the interpreter pays per program, a GPU per register."""
-    return max(2, min(interp_cap if interpreted() else gpu_cap, triton.next_power_of_2(n)))
+    """A power-of-two block over n elements: the interpreter pays per program, a GPU per register (see
+    tile_size)."""
+    return max(2, min(tile_size(interp_cap, gpu_cap), triton.next_power_of_2(n)))
 
 
 def _check_x(op, x):

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, interpreted, launch, round_to_bf16
+from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, launch, round_to_bf16, tile_size
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "SUPPORTED_DTYPES", "CHUNK"]
 
@@ -339,15 +339,21 @@ def check_u(u, op, rank, layout):
 
 def block_sizes(channels_per_block_unit, masked_ok, N):
     """(BLOCK_D, BLOCK_N). BLOCK_D divides `channels_per_block_unit` (so a block stays inside one group of
-    B/C) unless masked_ok; the interpreter pays per program, a GPU per register."""
+    B/C) unless masked_ok; the interpreter pays per program, a GPU per register (see tile_size)."""
     block_n = triton.next_power_of_2(N)
-    cap = 256 if interpreted() else max(1, 512 // block_n)
+    cap = tile_size(256, max(1, 512 // block_n))
     if masked_ok:
         return min(cap, triton.next_power_of_2(channels_per_block_unit)), block_n
     block_d = 1
     while block_d * 2 <= cap and channels_per_block_unit % (block_d * 2) == 0:
         block_d *= 2
     return block_d, block_n
+
+
+def chunk_length():
+    """Positions per chunk of the backward: CHUNK, or 4 with small tiles (so that short sequences span several
+    chunks)."""
+    return tile_size(CHUNK, CHUNK, 4)
 
 
 def _check_args(op, u, delta, A, B, C, D, z, delta_bias):
@@ -377,7 +383,8 @@ def _check_args(op, u, delta, A, B, C, D, z, delta_bias):
 def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, write_out, save_states):
     batch, dim, L, N, G = u.shape[0], u.shape[1], u.shape[2], A.shape[1], B.shape[1]
     block_d, block_n = block_sizes(dim // G, G == 1, N)
-    n_chunks = triton.cdiv(L, CHUNK)
+    chunk = chunk_length()
+    n_chunks = triton.cdiv(L, chunk)
     S = A.dtype
     out = torch.empty_like(u) if write_out else None
     last = torch.empty((batch, dim, N), dtype=S, device=u.device)
@@ -389,7 +396,7 @@ def _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, write_o
            dim, G, N, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
            WRITE_OUT=write_out, SAVE_STATES=save_states,
-           CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+           CHUNK_L=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
     return out, last, states
 
 
@@ -421,13 +428,14 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D=None, z=None, del
                 opt(delta_bias, z_((dim,), dtype=S, device=u.device))]
     block_d, block_n = block_sizes(dim // G, G == 1, N)
     n_blocks = triton.cdiv(dim, block_d)
-    if L <= CHUNK:  # one chunk, starting from the zero state: no forward pass needed
+    chunk = chunk_length()
+    if L <= chunk:  # one chunk, starting from the zero state: no forward pass needed
         states = torch.zeros((batch, dim, 1, N), dtype=S, device=u.device)
     else:
         _, _, states = _forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, True)
     n_chunks = states.shape[2]
     dev = u.device
-    steps = torch.empty((batch, n_blocks, CHUNK + 1, block_d * block_n), dtype=S, device=dev)
+    steps = torch.empty((batch, n_blocks, chunk + 1, block_d * block_n), dtype=S, device=dev)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(u) if z is not None else None
     dA_part = torch.empty((batch, dim, N), dtype=S, device=dev)
@@ -442,7 +450,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D=None, z=None, del
            du, ddelta, du if dz is None else dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
            dim, G, N, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-           HAS_DLAST=dlast_state is not None, CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+           HAS_DLAST=dlast_state is not None, CHUNK_L=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
     # per-block partials of dB/dC: the blocks of one group are consecutive (a block never straddles groups,
     # or G == 1)
     dB = dB_part.reshape(batch, G, n_blocks // G, N, L).sum(2).to(B.dtype)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, launch
-from .selective_scan import CHUNK, _load_channel_params, _scan_bwd_range, _scan_fwd_range, block_sizes, check_u
+from .selective_scan import _load_channel_params, _scan_bwd_range, _scan_fwd_range, block_sizes, check_u, chunk_length
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "SUPPORTED_DTYPES"]
 
@@ -152,7 +152,8 @@ def _forward_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, write_out,
     batch, dim, H, W = u.shape
     N, L = A.shape[1], H * W
     block_d, block_n = block_sizes(dim, True, N)
-    n_chunks = triton.cdiv(L, CHUNK)
+    chunk = chunk_length()
+    n_chunks = triton.cdiv(L, chunk)
     S = A.dtype
     acc = torch.zeros((batch, dim, L), dtype=S, device=u.device) if write_out else None
     states = torch.empty((batch, 4, dim, n_chunks, N), dtype=S, device=u.device) if save_states else None
@@ -162,7 +163,7 @@ def _forward_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, write_out,
            dim, N, H, W, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
            WRITE_OUT=write_out, SAVE_STATES=save_states,
-           CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+           CHUNK_L=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
     return acc, states
 
 
@@ -196,13 +197,14 @@ def ss2d_scan_bwd(dout, u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
                 torch.zeros_like(C), opt(D, torch.zeros_like(A[:, 0])), opt(delta_bias, torch.zeros_like(A[:, 0]))]
     block_d, block_n = block_sizes(dim, True, N)
     n_blocks = triton.cdiv(dim, block_d)
-    if L <= CHUNK:  # one chunk, starting from the zero state: no forward pass needed
+    chunk = chunk_length()
+    if L <= chunk:  # one chunk, starting from the zero state: no forward pass needed
         states = torch.zeros((batch, 4, dim, 1, N), dtype=S, device=u.device)
     else:
         _, states = _forward_launch(u, delta, A, B, C, D, delta_bias, delta_softplus, False, True)
     n_chunks = states.shape[3]
     dev = u.device
-    steps = torch.empty((batch, n_blocks, CHUNK + 1, block_d * block_n), dtype=S, device=dev)
+    steps = torch.empty((batch, n_blocks, chunk + 1, block_d * block_n), dtype=S, device=dev)
     du_acc = torch.zeros((batch, dim, L), dtype=S, device=dev)
     ddelta = torch.empty_like(delta)
     dA_part = torch.empty((batch, 4 * dim, N), dtype=S, device=dev)
@@ -216,7 +218,7 @@ def ss2d_scan_bwd(dout, u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
            du_acc, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part,
            dim, N, H, W, L, n_chunks,
            SOFTPLUS=bool(delta_softplus), HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-           CHUNK_L=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+           CHUNK_L=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
     du = du_acc.reshape(u.shape).to(u.dtype)
     dB = dB_part.sum(1).reshape(B.shape).to(B.dtype)
     dC = dC_part.sum(1).reshape(C.shape).to(C.dtype)
