@@ -93,7 +93,7 @@ def _compiled_kernels(device):
 
 def _triton_kernels():
     gates = importlib.import_module("medkernels.kernels.hff_attention")
-    tail = importlib.import_module("medkernels.kernels.hff_fused_tail")
+    tail = importlib.import_module("medkernels.kernels.hff_attention_tail")
     return _KernelImpl([gates.hff_spatial_gate_fwd, gates.hff_spatial_gate_bwd, gates.hff_channel_gate_fwd,
                         gates.hff_channel_gate_bwd, tail.hff_fused_tail_fwd, tail.hff_fused_tail_bwd])
 

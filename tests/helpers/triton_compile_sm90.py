@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-KERNEL_MODULES = ("cross_scan", "selective_scan", "ss2d_scan", "depthwise_conv", "hff_attention", "hff_fused_tail")
+KERNEL_MODULES = ("cross_scan", "selective_scan", "ss2d_scan", "depthwise_conv", "hff_attention", "hff_attention_tail")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 API_UNKNOWN = 2
 
@@ -109,7 +109,7 @@ def _depthwise(k, dtype, every):
 
 
 def _hff(k, dtype, every):
-    hff, tail, S = k["hff_attention"], k["hff_fused_tail"], _acc(dtype)
+    hff, tail, S = k["hff_attention"], k["hff_attention_tail"], _acc(dtype)
     B, C, H, W = 2, 96, 28, 28
     x = _z(B, C, H, W, dtype=dtype)
     conv, bn = _z(1, 2, 7, 7, dtype=S), _z(1, dtype=S)

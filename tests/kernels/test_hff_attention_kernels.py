@@ -579,10 +579,10 @@ def test_cpu_kernels_reject_bad_operands(call, exc, word):
 def test_triton_launchers_reject_bad_operands():
     if medkernels.unavailable_reason("triton") is not None:
         pytest.skip("the triton backend is unavailable here")
-    from medkernels.kernels import hff_attention, hff_fused_tail
+    from medkernels.kernels import hff_attention, hff_attention_tail
 
     with pytest.raises(TypeError, match=_named("spatial_gate")):
-        hff_fused_tail.hff_fused_tail_fwd(*_tail_args(spatial_gate=torch.zeros(2, 1, 4, 5, dtype=torch.float64)).values(), 1e-6)
+        hff_attention_tail.hff_fused_tail_fwd(*_tail_args(spatial_gate=torch.zeros(2, 1, 4, 5, dtype=torch.float64)).values(), 1e-6)
     with pytest.raises(ValueError, match=_named("conv_weight")):
         hff_attention.hff_spatial_gate_fwd(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 6, 6), None, None, None, None, True, 1e-5, True)
     with pytest.raises(TypeError, match=_named("x")):

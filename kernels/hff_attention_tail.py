@@ -1,4 +1,5 @@
-"""Triton kernels of the HFF fusion tail, installed as ``medkernels.kernels.hff_fused_tail``.
+"""Triton kernels of the HFF fusion tail (the last building block of hff_attention_tail), installed as
+``medkernels.kernels.hff_attention_tail``.
 
 Launchers (contracts of csrc/ops.h; contiguous tensors; ``acc`` = float32, float64 for float64 inputs):
 
