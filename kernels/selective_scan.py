@@ -228,6 +228,19 @@ def _load_channel_params(A_ptr, D_ptr, bias_ptr, offs_d, mask_d, offs_n, mask_n,
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _channel_tile(d0, Dim, N, n_chunks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's channels d0 .. d0 + BLOCK_D - 1 and its states: their offsets and masks, and the offsets of
+    the (channel, state) tile in a per-chunk saved-state buffer (channel stride n_chunks * N)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = d0 + offs_d < Dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    state_tile = offs_d[:, None] * (n_chunks * N) + offs_n[None, :]
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, state_tile
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, states_ptr,
     Dim, G, N, L, n_chunks,
@@ -239,17 +252,12 @@ def _selective_scan_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
     g = d0 // (Dim // G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = d0 + offs_d < Dim
-    mask_n = offs_n < N
+    offs_d, offs_n, mask_d, mask_n, mask_dn, state_tile = _channel_tile(d0, Dim, N, n_chunks, BLOCK_D, BLOCK_N)
     A, Dskip, bias = _load_channel_params(A_ptr + d0 * N, D_ptr + d0, bias_ptr + d0, offs_d, mask_d, offs_n,
                                           mask_n, N, HAS_D, HAS_BIAS)
     row0 = (b * Dim + d0) * L
     bc0 = (b * G + g) * N * L
     x = tl.zeros((BLOCK_D, BLOCK_N), A.dtype)
-    state_tile = offs_d[:, None] * (n_chunks * N) + offs_n[None, :]
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     for c in range(0, n_chunks):
         if SAVE_STATES:
             tl.store(states_ptr + (b * Dim + d0) * n_chunks * N + c * N + state_tile, x, mask=mask_dn)
@@ -278,11 +286,7 @@ def _selective_scan_bwd_kernel(
     n_blocks = tl.num_programs(1)
     d0 = blk * BLOCK_D
     g = d0 // (Dim // G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = d0 + offs_d < Dim
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, state_tile = _channel_tile(d0, Dim, N, n_chunks, BLOCK_D, BLOCK_N)
     A, Dskip, bias = _load_channel_params(A_ptr + d0 * N, D_ptr + d0, bias_ptr + d0, offs_d, mask_d, offs_n,
                                           mask_n, N, HAS_D, HAS_BIAS)
     row0 = (b * Dim + d0) * L
@@ -290,7 +294,6 @@ def _selective_scan_bwd_kernel(
     part0 = (b * n_blocks + blk) * N * L
     steps = steps_ptr + (b * n_blocks + blk) * (CHUNK_L + 1) * (BLOCK_D * BLOCK_N)
     tile = offs_d[:, None] * BLOCK_N + offs_n[None, :]
-    state_tile = offs_d[:, None] * (n_chunks * N) + offs_n[None, :]
     pn = (b * Dim + d0) * N + offs_d[:, None] * N + offs_n[None, :]
     if HAS_DLAST:
         h = tl.load(dlast_ptr + pn, mask=mask_dn, other=0.0).to(A.dtype)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ._utils import SUPPORTED_DTYPES, acc_dtype, check_tensor, launch
-from .selective_scan import _load_channel_params, _scan_bwd_range, _scan_fwd_range, block_sizes, check_u, chunk_length
+from .selective_scan import (_channel_tile, _load_channel_params, _scan_bwd_range, _scan_fwd_range, block_sizes, check_u,
+                             chunk_length)
 
 __all__ = ["ss2d_scan_fwd", "ss2d_scan_bwd", "SUPPORTED_DTYPES"]
 
@@ -41,13 +42,8 @@ def _ss2d_scan_fwd_kernel(
     # chunk walked sequentially.
     b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = d0 + offs_d < Dim
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, state_tile = _channel_tile(d0, Dim, N, n_chunks, BLOCK_D, BLOCK_N)
     row0 = (b * Dim + d0) * L
-    state_tile = offs_d[:, None] * (n_chunks * N) + offs_n[None, :]
     for k in tl.static_range(4):
         ch = k * Dim + d0  # row of A, D, delta_bias
         A, Dskip, bias = _load_channel_params(A_ptr + ch * N, D_ptr + ch, bias_ptr + ch, offs_d, mask_d, offs_n,
@@ -82,15 +78,10 @@ def _ss2d_scan_bwd_kernel(
     blk = tl.program_id(1).to(tl.int64)
     n_blocks = tl.num_programs(1)
     d0 = blk * BLOCK_D
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = d0 + offs_d < Dim
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_dn, state_tile = _channel_tile(d0, Dim, N, n_chunks, BLOCK_D, BLOCK_N)
     row0 = (b * Dim + d0) * L
     steps = steps_ptr + (b * n_blocks + blk) * (CHUNK_L + 1) * (BLOCK_D * BLOCK_N)
     tile = offs_d[:, None] * BLOCK_N + offs_n[None, :]
-    state_tile = offs_d[:, None] * (n_chunks * N) + offs_n[None, :]
     for k in tl.static_range(4):
         ch = k * Dim + d0
         A, Dskip, bias = _load_channel_params(A_ptr + ch * N, D_ptr + ch, bias_ptr + ch, offs_d, mask_d, offs_n,
