@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import medkernels
 from medkernels.nn import HFFBlock
 
-from helpers.hff_utils import assert_close_scaled, rand, randn
+from helpers.hff_utils import assert_close_elementwise, assert_close_scaled, rand, randn
 
 WIDTHS = [96, 192, 384, 768]  # hifuse: ch_1 = ch_2 = ch_int = ch_out = C, r_2 = 16
 BATCH, H, W = 2, 5, 3
@@ -97,7 +97,11 @@ def _reference(block, initial, references, width, with_f, training):
     return references[key]
 
 
-# per dtype: (output, input-gradient, parameter-gradient) tolerance relative to each tensor's largest magnitude
+# per dtype: (output, input-gradient, parameter-gradient) tolerance relative to each tensor's largest magnitude.
+# Scaled by the largest entry, not elementwise: at these widths every result is a sum over thousands of terms (the
+# IRMLP's dense 3x3 convolutions over 3 C channels, the LayerNorms over 2-3 C, the parameter gradients over every
+# pixel as well), whose float32 rounding grows with the terms, not with the entry it lands in.
+# test_hff_block_small_float32_holds_elementwise checks a block small enough to hold entry by entry.
 TOLERANCES = {torch.float32: (1e-4, 1e-4, 2e-4), torch.float64: (1e-10, 1e-10, 1e-10)}
 
 
@@ -144,6 +148,34 @@ def test_hff_block_matches_official(device_backend, blocks, references, width, w
         assert_close_scaled(got[3][name], b, out_tol, f"buffer {name}")
     spatial_stats_moved = not torch.equal(expected[3]["spatial.bn.running_mean"], initial["spatial.bn.running_mean"].double())
     assert spatial_stats_moved == training
+
+
+@pytest.mark.parametrize("with_f, training", [(True, True), (False, False)], ids=["with-f-train", "first-block-eval"])
+def test_hff_block_small_float32_holds_elementwise(cpu_backend, with_f, training):
+    """A 16-wide float32 block (4 hidden units in the channel MLP) against the official forward in float64 on the
+    same values, every result entry by entry: float32's relative tolerance (hff_utils.ELEMENTWISE_TOLERANCES)
+    with a floor of 2e-5 of each tensor's largest entry, for the biases in front of a training-mode BatchNorm:
+    zero in exact arithmetic, their gradients are rounding only."""
+    width = LOW_PRECISION_WIDTH
+    block = _randomized_block(width, LOW_PRECISION_R)
+    inputs = _inputs(width, with_f)
+    expected = _step(copy.deepcopy(block).double(), official_forward, inputs, training, True)
+    with medkernels.use_backend(cpu_backend):
+        got = _step(copy.deepcopy(block), lambda b, *a: b(*a), [None if t is None else t.float() for t in inputs],
+                    training, True)
+    assert_close_elementwise(got[0], expected[0], "output", floor=2e-5)
+    for name, a, b in zip("lgf", got[1], expected[1]):
+        assert_close_elementwise(a, b, f"grad {name}", floor=2e-5)
+    for name, b in expected[2].items():
+        a = got[2][name]
+        assert (a is None) == (b is None), f"{name}: gradient presence differs from the official block"
+        if b is not None:
+            assert_close_elementwise(a, b, f"grad {name}", floor=2e-5)
+    for name, b in expected[3].items():
+        if b.is_floating_point():
+            assert_close_elementwise(got[3][name], b, f"buffer {name}", floor=2e-5)
+        else:
+            assert torch.equal(got[3][name], b), f"buffer {name}"
 
 
 # float16 / bfloat16: (dtype, slack of the output, input gradients and buffers, slack of the parameter gradients).

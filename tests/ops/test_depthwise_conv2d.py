@@ -7,8 +7,9 @@ import medkernels
 from medkernels.nn import DepthwiseConv2d
 from medkernels.ops import depthwise_conv2d
 
+from helpers.hff_utils import assert_close_elementwise
+
 ACTS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 CASES = [  # (B, C, H, W, k, stride)
     pytest.param((2, 3, 13, 11, 3, 1), id="13x11-k3-s1"),
     pytest.param((1, 4, 5, 17, 5, 2), id="5x17-k5-s2"),
@@ -50,16 +51,31 @@ def test_forward_and_gradients_float32(device_backend, case, act, layout):
         torch.testing.assert_close(got.double(), exp.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-def test_dtypes(device_backend, dtype):
+@pytest.mark.parametrize("act", ["silu", None], ids=lambda a: a or "none")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision(device_backend, dtype, act):
+    """float16/bfloat16 output and gradients against float64 on the same rounded inputs and cotangent, entry by
+    entry: one rounding, half an epsilon of the dtype relative (the kernels compute in float32 and round once).
+    The ref backend is PyTorch's conv2d and activation in the dtype, which rounds between them and rounds the
+    activation's gradient before the convolution's backward sums it: its results also get a floor of one epsilon
+    of their largest entry.
+    (float64: the kernels in test_depthwise_conv2d_kernels.py; the ref backend in float64 is the reference.)"""
     device, backend = device_backend
-    x = torch.randn(2, 3, 7, 9, device=device).to(dtype)
-    wt = torch.randn(3, 1, 3, 3, device=device).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    values = (torch.randn(2, 3, 7, 9, generator=g), 0.5 * torch.randn(3, 1, 3, 3, generator=g), torch.randn(3, generator=g))
+    leaves = [t.to(device, dtype).requires_grad_(True) for t in values]
     with medkernels.use_backend(backend):
-        y = depthwise_conv2d(x, wt, None, activation="silu")
+        y = depthwise_conv2d(*leaves, activation=act)
     assert y.dtype == dtype
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y.double(), expected(x, wt, None, 1, "silu"), rtol=rtol, atol=atol)
+    exact = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    ref = expected(*exact, 1, act)
+    floor = torch.finfo(dtype).eps if backend == "ref" else None
+    assert_close_elementwise(y, ref, "output", floor=floor)
+    cot = torch.randn(y.shape, generator=g).to(device, dtype)
+    grads = torch.autograd.grad(y, leaves, cot)
+    for name, got, exp in zip(("x", "weight", "bias"), grads, torch.autograd.grad(ref, exact, cot.cpu().double())):
+        assert got.dtype == dtype, f"grad {name}: dtype {got.dtype}"
+        assert_close_elementwise(got, exp, f"grad {name}", floor=floor)
 
 
 def test_gradcheck_float64(cpu_backend):
@@ -117,14 +133,14 @@ def test_module_is_drop_in_for_conv2d():
 @pytest.mark.parametrize(
     "kwargs, exc, word",
     [
-        pytest.param(dict(weight=torch.zeros(3, 2, 3, 3)), ValueError, "weight", id="weight-not-depthwise"),
-        pytest.param(dict(weight=torch.zeros(3, 1, 4, 4)), ValueError, "even kernel", id="even-kernel-default-padding"),
-        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, dtype=torch.float64)), TypeError, "weight", id="weight-dtype"),
-        pytest.param(dict(bias=torch.zeros(4)), ValueError, "bias", id="bias-shape"),
-        pytest.param(dict(activation="tanh"), ValueError, "activation", id="unknown-activation"),
-        pytest.param(dict(stride=0), ValueError, "stride", id="stride-zero"),
-        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, device="meta")), ValueError, "device", id="mixed-devices"),
-        pytest.param(dict(x=torch.zeros(2, 3, 8, 8, dtype=torch.int64)), TypeError, "x", id="x-int"),
+        pytest.param(dict(weight=torch.zeros(3, 2, 3, 3)), ValueError, r"\bweight\b", id="weight-not-depthwise"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 4, 4)), ValueError, r"\beven kernel\b", id="even-kernel-default-padding"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, dtype=torch.float64)), TypeError, r"\bweight\b", id="weight-dtype"),
+        pytest.param(dict(bias=torch.zeros(4)), ValueError, r"\bbias\b", id="bias-shape"),
+        pytest.param(dict(activation="tanh"), ValueError, r"\bactivation\b", id="unknown-activation"),
+        pytest.param(dict(stride=0), ValueError, r"\bstride\b", id="stride-zero"),
+        pytest.param(dict(weight=torch.zeros(3, 1, 3, 3, device="meta")), ValueError, r"\bdevice\b", id="mixed-devices"),
+        pytest.param(dict(x=torch.zeros(2, 3, 8, 8, dtype=torch.int64)), TypeError, r"\bx\b", id="x-int"),
     ],
 )
 def test_bad_inputs(kwargs, exc, word):
