@@ -5,4 +5,4 @@ imports nothing eagerly, so ``import medkernels.kernels`` works where triton is 
 For CPU tensors, set ``TRITON_INTERPRET=1`` before importing a kernel module.
 """
 
-__all__ = ["cross_scan", "depthwise_conv", "selective_scan", "ss2d_scan", "hff_attention", "hff_attention_tail"]
+__all__ = ["cross_scan", "depthwise_conv2d", "selective_scan", "ss2d_scan", "hff_attention", "hff_attention_tail"]

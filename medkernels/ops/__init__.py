@@ -1,7 +1,7 @@
 """medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
 from .cross_scan import cross_merge, cross_scan
-from .depthwise_conv import depthwise_conv2d
-from .depthwise_layernorm import depthwise_conv2d_layernorm
+from .depthwise_conv2d import depthwise_conv2d
+from .depthwise_conv2d_layernorm import depthwise_conv2d_layernorm
 from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .hff_attention_tail import hff_attention_tail
 from .selective_scan import selective_scan

@@ -157,8 +157,8 @@ print("ok")
 def test_auto_runs_pytorch_where_the_kernels_measured_slower(monkeypatch):
     # the depthwise kernels lost to cuDNN on an H100 (benchmarks/results/archive/nvidia-h100-80gb-hbm3-depthwise.txt):
     # auto takes the reference on CUDA tensors, an explicit request still gets its kernels, CPU is unchanged
-    from medkernels.ops.depthwise_conv import DEPTHWISE_CONV2D
-    from medkernels.ops.depthwise_layernorm import DEPTHWISE_CONV2D_LAYERNORM
+    from medkernels.ops.depthwise_conv2d import DEPTHWISE_CONV2D
+    from medkernels.ops.depthwise_conv2d_layernorm import DEPTHWISE_CONV2D_LAYERNORM
 
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None)
     for table in (DEPTHWISE_CONV2D, DEPTHWISE_CONV2D_LAYERNORM):

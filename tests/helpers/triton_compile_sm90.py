@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-KERNEL_MODULES = ("cross_scan", "selective_scan", "ss2d_scan", "depthwise_conv", "hff_attention", "hff_attention_tail")
+KERNEL_MODULES = ("cross_scan", "selective_scan", "ss2d_scan", "depthwise_conv2d", "hff_attention", "hff_attention_tail")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 API_UNKNOWN = 2
 
@@ -93,7 +93,7 @@ def _ss2d_scan(k, dtype, every):
 
 
 def _depthwise(k, dtype, every):
-    dw = k["depthwise_conv"]
+    dw = k["depthwise_conv2d"]
     C = 96
     x, w, b = _z(2, C, 28, 28, dtype=dtype), _z(C, 1, 3, 3, dtype=dtype), _z(C, dtype=dtype)
     cases = (("gelu", b, 1), ("none", None, 1), ("silu", b, 1), ("relu", b, 2))

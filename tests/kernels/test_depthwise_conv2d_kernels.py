@@ -273,7 +273,7 @@ def test_triton_launcher_checks_arguments():
     reason = medkernels.unavailable_reason("triton")
     if reason is not None:
         pytest.fail(f"Triton must be usable here: {reason}")
-    import medkernels.kernels.depthwise_conv as tk
+    import medkernels.kernels.depthwise_conv2d as tk
 
     x = torch.zeros(2, 3, 8, 8, device="cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match=r"\bweight\b"):

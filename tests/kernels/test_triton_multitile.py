@@ -17,7 +17,8 @@ import torch
 import medkernels
 from medkernels import ops
 from medkernels.ops.cross_scan_ref import cross_merge_ref, cross_scan_ref
-from medkernels.ops.depthwise_conv_ref import depthwise_conv2d_layernorm_ref, depthwise_conv2d_ref
+from medkernels.ops.depthwise_conv2d_layernorm_ref import depthwise_conv2d_layernorm_ref
+from medkernels.ops.depthwise_conv2d_ref import depthwise_conv2d_ref
 from medkernels.ops.hff_attention_ref import hff_channel_attention_ref, hff_spatial_attention_ref
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 from medkernels.ops.selective_scan_ref import selective_scan_ref

@@ -74,7 +74,7 @@ def check(device, backend, case, layout, affine, dtype=torch.float64, eps=1e-6, 
     exact = [t.detach().double().requires_grad_(True) if t is not None else None for t in tensors]
     if ln_dtype not in (None, dtype) and backend != "ref":
         # Known limitation, kept: the compiled and Triton kernels take the LayerNorm parameters in x's dtype, so
-        # float32 ones of a half x are rounded to it (ops/depthwise_layernorm.py's _KernelImpl) and their
+        # float32 ones of a half x are rounded to it (ops/depthwise_conv2d_layernorm.py's _KernelImpl) and their
         # gradients are half values returned in float32. The statement gets the rounded parameters, and those
         # gradients are held to x's dtype, not to float32's.
         exact[3:] = [None if t is None else t.detach().to(dtype).double().requires_grad_(True) for t in exact[3:]]

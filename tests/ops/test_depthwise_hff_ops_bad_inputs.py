@@ -14,7 +14,8 @@ import torch
 import medkernels
 from medkernels import nn as mnn
 from medkernels import ops
-from medkernels.ops.depthwise_conv_ref import depthwise_conv2d_layernorm_ref, depthwise_conv2d_ref
+from medkernels.ops.depthwise_conv2d_layernorm_ref import depthwise_conv2d_layernorm_ref
+from medkernels.ops.depthwise_conv2d_ref import depthwise_conv2d_ref
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 
 HUGE = 2**31  # elements: one past what 32-bit offsets address

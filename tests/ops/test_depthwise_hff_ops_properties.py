@@ -14,7 +14,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import medkernels  # noqa: E402
 from medkernels import ops  # noqa: E402
-from medkernels.ops.depthwise_conv_ref import depthwise_conv2d_layernorm_ref, depthwise_conv2d_ref  # noqa: E402
+from medkernels.ops.depthwise_conv2d_layernorm_ref import depthwise_conv2d_layernorm_ref
+from medkernels.ops.depthwise_conv2d_ref import depthwise_conv2d_ref  # noqa: E402
 from medkernels.ops.hff_attention_ref import (  # noqa: E402
     hff_channel_attention_ref,
     hff_channel_gate_ref,
@@ -180,7 +181,7 @@ def test_depthwise_conv2d_layernorm_matches_reference_on_random_cases(backend_dt
         ref = _reference_leaves(conv + ln)
         if c["float32_ln_params"] and backend != "ref":
             # Known limitation, kept: the compiled and Triton kernels take the LayerNorm parameters in x's dtype, so
-            # float32 ones of a half x are rounded to it (ops/depthwise_layernorm.py's _KernelImpl) and their
+            # float32 ones of a half x are rounded to it (ops/depthwise_conv2d_layernorm.py's _KernelImpl) and their
             # gradients are half values returned in float32. The reference gets the rounded parameters, and those
             # gradients are held to x's dtype below, not to float32's.
             ref[3:] = [None if t is None else t.detach().to(dt).double().requires_grad_() for t in ref[3:]]

@@ -7,8 +7,8 @@ import torch
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_tensor, eager_plain, vjp
-from .depthwise_conv import _contiguous, kernel_function, validate_conv
-from .depthwise_conv_ref import depthwise_conv2d_layernorm_ref
+from .depthwise_conv2d import _contiguous, kernel_function, validate_conv
+from .depthwise_conv2d_layernorm_ref import depthwise_conv2d_layernorm_ref
 
 
 class _RefImpl:

@@ -1,4 +1,4 @@
-"""Triton kernels of the depthwise convolution, installed as ``medkernels.kernels.depthwise_conv``.
+"""Triton kernels of the depthwise convolution, installed as ``medkernels.kernels.depthwise_conv2d``.
 
 Launchers (contracts of csrc/ops.h; x and grad in any strides, parameters contiguous):
 

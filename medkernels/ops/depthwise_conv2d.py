@@ -9,7 +9,7 @@ from .. import _ext
 from .._backend import OpTable, resolve
 from ._autocast import autocast_dtype, run_cast
 from ._common import check_same_device, check_size, check_tensor, eager_plain, vjp
-from .depthwise_conv_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
+from .depthwise_conv2d_ref import ACTIVATIONS, depthwise_conv2d_ref, is_channels_last
 
 MAX_KERNEL = 31
 
@@ -60,7 +60,7 @@ class _KernelImpl:
 def kernel_function(backend, name):
     """Kernel `name` of `backend`: `name`_cpu / `name`_cuda in the extension, `name` in the Triton module."""
     if backend == "triton":
-        return getattr(importlib.import_module("medkernels.kernels.depthwise_conv"), name)
+        return getattr(importlib.import_module("medkernels.kernels.depthwise_conv2d"), name)
     return getattr(_ext.module(), f"{name}_{backend}")
 
 
