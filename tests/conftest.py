@@ -65,6 +65,22 @@ def device_backend(request):
     return torch.device(device_type), backend
 
 
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=[pytest.param(("cpu", "cpu"), id="cpu"),
+                        pytest.param(("cuda", "cuda"), id="cuda", marks=_NO_GPU),
+                        pytest.param(("cuda", "triton"), id="cuda-triton", marks=_NO_GPU)])
+def kernel_backend(request):
+    """(device, backend) for each backend that runs compiled kernels: cpu and, with a GPU, cuda and triton (the
+    Triton interpreter's launches have their own tests)."""
+    device_type, backend = request.param
+    reason = medkernels.unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    return torch.device(device_type), backend
+
+
 @pytest.fixture(params=["avx2", "baseline"])
 def capped_cpu_isa(request):
     """Runs the test with the C++ kernels held to a lower SIMD level than this CPU's best (set_cpu_isa_cap), so

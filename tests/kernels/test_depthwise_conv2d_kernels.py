@@ -16,7 +16,6 @@ from medkernels.ops import depthwise_conv2d
 from helpers.hff_utils import assert_close_elementwise
 
 ACTS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 # (B, C, H, W, k, stride); C = 37 and 40 are not multiples of any vector width, W = 24 and 41 take the plane walk
 CASES = [
@@ -39,11 +38,6 @@ LAYOUTS = {
     "nchw->channels_last": torch.channels_last,
     "nchw_col_slice": None,  # unit column stride, rows not packed
 }
-KERNEL_BACKENDS = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=NO_GPU),
-    pytest.param(("cuda", "triton"), id="cuda-triton", marks=NO_GPU),
-]
 # the combinations Triton's CPU interpreter runs: tiny, every kernel size, stride and layout once
 INTERPRETER_CASES = [
     pytest.param((1, 3, 5, 6, 3, 1), "silu", "nchw", id="5x6-k3-s1-silu-nchw"),
@@ -110,15 +104,6 @@ def check_against_float64(device, backend, case, act, layout, dtype=torch.float6
     for name, got, exp in zip(("x", "weight", "bias"), grads, expected):
         assert got.dtype == dtype and got.shape == exp.shape and got.device == x.device
         close(got, exp, f"grad {name}")
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request):
-    device, backend = request.param
-    reason = medkernels.unavailable_reason(backend)
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
-    return torch.device(device), backend
 
 
 def require_interpreter():

@@ -9,6 +9,7 @@ that every tiled dimension really spans several tiles with a ragged last one, so
 quietly fall back to one tile. Runs on a GPU too (small tiles compiled), or on CPU tensors under
 TRITON_INTERPRET=1."""
 import importlib
+import math
 import os
 
 import pytest
@@ -44,31 +45,39 @@ TOLERANCES = {torch.float32: (16 * EPS32, 16 * EPS32)}
 
 # The tiled dimensions of each kernel: (name, its extent from the launch's arguments, the constexpr that tiles
 # it). A dimension is tiled by the grid or by a loop inside the program; either way a tile edge is crossed.
-_ROWS_PIXELS = (("rows", lambda a: a["R"], "BLOCK_R"), ("pixels", lambda a: a["HW"], "BLOCK_P"))
-_SCAN = (("channels", lambda a: a["Dim"], "BLOCK_D"), ("positions", lambda a: a["L"], "CHUNK_L"))
-_CONV = (("pixels", lambda a: a["Ho"] * a["Wo"], "BLOCK_P"), ("channels", lambda a: a["C"], "BLOCK_C"))
-_TAIL = (("g channels", lambda a: a["C2"], "BLOCK_C"), ("l channels", lambda a: a["C1"], "BLOCK_C"),
-         ("x_f channels", lambda a: a["Ci"], "BLOCK_C"), ("pixels", lambda a: a["HW"], "BLOCK_P"))
+def _dim(name, *extent, block):
+    """A tiled dimension: its name, its extent (the product of the launch arguments named) and its constexpr."""
+    return (name, lambda a: math.prod(a[e] for e in extent), block)
+
+
+_ROWS_PIXELS = (_dim("rows", "R", block="BLOCK_R"), _dim("pixels", "HW", block="BLOCK_P"))
+_CHANNELS_PIXELS = (_dim("channels", "C", block="BLOCK_C"), _dim("pixels", "HW", block="BLOCK_P"))
+_SCAN = (_dim("channels", "Dim", block="BLOCK_D"), _dim("positions", "L", block="CHUNK_L"))
+_CONV = (_dim("pixels", "Ho", "Wo", block="BLOCK_P"), _dim("channels", "C", block="BLOCK_C"))
+_CROSS = (_dim("rows", "rows", block="BLOCK_R"), _dim("pixels", "L", block="BLOCK_L"))
+_MAP = (_dim("pixels", "H", "W", block="BLOCK_P"),)
+_TAIL = (_dim("g channels", "C2", block="BLOCK_C"), _dim("l channels", "C1", block="BLOCK_C"),
+         _dim("x_f channels", "Ci", block="BLOCK_C"), _dim("pixels", "HW", block="BLOCK_P"))
 TILED = {
-    "_cross_scan_fwd_kernel": (("rows", lambda a: a["rows"], "BLOCK_R"), ("pixels", lambda a: a["L"], "BLOCK_L")),
-    "_cross_merge_fwd_kernel": (("rows", lambda a: a["rows"], "BLOCK_R"), ("pixels", lambda a: a["L"], "BLOCK_L")),
+    "_cross_scan_fwd_kernel": _CROSS,
+    "_cross_merge_fwd_kernel": _CROSS,
     "_selective_scan_fwd_kernel": _SCAN,
     "_selective_scan_bwd_kernel": _SCAN,
     "_ss2d_scan_fwd_kernel": _SCAN,
     "_ss2d_scan_bwd_kernel": _SCAN,
     "_fwd_kernel": _CONV,
     "_bwd_gz_kernel": _CONV,
-    "_bwd_gx_kernel": (("pixels", lambda a: a["H"] * a["W"], "BLOCK_P"), ("channels", lambda a: a["C"], "BLOCK_C")),
+    "_bwd_gx_kernel": (_dim("pixels", "H", "W", block="BLOCK_P"), _dim("channels", "C", block="BLOCK_C")),
     "_ln_fwd_kernel": _CONV[:1],  # the LayerNorm's tile holds all channels
     "_ln_bwd_gz_kernel": _CONV[:1],
-    "_channel_pool_kernel": (("channels", lambda a: a["C"], "BLOCK_C"), ("pixels", lambda a: a["HW"], "BLOCK_P")),
-    "_channel_dot_kernel": (("channels", lambda a: a["C"], "BLOCK_C"), ("pixels", lambda a: a["HW"], "BLOCK_P")),
+    "_channel_pool_kernel": _CHANNELS_PIXELS,
+    "_channel_dot_kernel": _CHANNELS_PIXELS,
     "_pixel_pool_kernel": _ROWS_PIXELS,
     "_pixel_dot_kernel": _ROWS_PIXELS,
     "_apply_gate_kernel": _ROWS_PIXELS,
     "_gate_input_grad_kernel": _ROWS_PIXELS,
-    "_map_conv_kernel": (("pixels", lambda a: a["H"] * a["W"], "BLOCK_P"),),
-    "_map_conv_bwd_kernel": (("pixels", lambda a: a["H"] * a["W"], "BLOCK_P"),),
+    "_map_conv_kernel": _MAP,
+    "_map_conv_bwd_kernel": _MAP,
     "_tail_fwd_kernel": _TAIL,
     "_tail_bwd_kernel": _TAIL,
 }

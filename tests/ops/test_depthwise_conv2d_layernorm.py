@@ -14,7 +14,6 @@ from medkernels.ops import depthwise_conv2d_layernorm
 
 from helpers.hff_utils import assert_close_elementwise, assert_close_scaled
 
-NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 CASES = [  # (B, C, H, W, k, stride)
     pytest.param((2, 5, 13, 11, 3, 1), id="13x11-k3-s1"),
@@ -22,11 +21,6 @@ CASES = [  # (B, C, H, W, k, stride)
     pytest.param((2, 16, 5, 9, 7, 1), id="5x9-k7-s1-c16"),
 ]
 AFFINE = {"all": (True, True, True), "no-conv-bias": (False, True, True), "no-ln-affine": (True, False, False)}
-KERNEL_BACKENDS = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=NO_GPU),
-    pytest.param(("cuda", "triton"), id="cuda-triton", marks=NO_GPU),
-]
 
 
 def layernorm_f64(x, weight, bias, ln_weight, ln_bias, stride, eps):
@@ -88,15 +82,6 @@ def check(device, backend, case, layout, affine, dtype=torch.float64, eps=1e-6, 
     for i, got, exp in zip(present, grads, expected):
         assert got.dtype == tensors[i].dtype, f"grad {names[i]}: dtype {got.dtype}"
         assert_close_elementwise(got, exp, f"grad {names[i]}", dtype=dtype)
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request):
-    device, backend = request.param
-    reason = medkernels.unavailable_reason(backend)
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
-    return torch.device(device), backend
 
 
 @pytest.mark.parametrize("affine", list(AFFINE.values()), ids=list(AFFINE))
