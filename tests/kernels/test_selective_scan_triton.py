@@ -1,6 +1,7 @@
 """The Triton selective-scan and SS2D kernels called directly (medkernels.kernels.selective_scan / ss2d_scan):
 the chunked backward across chunk boundaries, grouped B/C with d last_state, the fused four directions over
-more than one chunk, determinism and the argument checks.  Runs on a GPU, or on CPU tensors under
+more than one chunk, determinism and the argument checks, against float64 fed the same rounded inputs and
+cotangents, elementwise (helpers.scan_utils.tolerance).  Runs on a GPU, or on CPU tensors under
 TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
 import importlib
 import os
@@ -10,6 +11,8 @@ import torch
 
 from medkernels.ops.selective_scan_ref import selective_scan_ref
 from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref
+
+from helpers.scan_utils import assert_close_f64
 
 triton = pytest.importorskip("triton")
 
@@ -22,14 +25,6 @@ else:
 
 ss = importlib.import_module("medkernels.kernels.selective_scan")
 s2 = importlib.import_module("medkernels.kernels.ss2d_scan")
-
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def _rel_err(got, exp):
-    got, exp = got.detach().cpu().double(), exp.detach().cpu().double()
-    return ((got - exp).abs().max() / exp.abs().max().clamp_min(1e-12)).item()
-
 
 def _scan_inputs(batch, dim, L, n, groups, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +40,7 @@ def _scan_inputs(batch, dim, L, n, groups, dtype, seed=0):
     return [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_selective_scan_across_chunks_grouped_with_dlast(dtype):
     # L > CHUNK: the backward recomputes two chunks from the saved boundary state (saved by the forward kernel)
     L = ss.CHUNK + 6
@@ -58,12 +53,12 @@ def test_selective_scan_across_chunks_grouped_with_dlast(dtype):
     exp_out, exp_last = selective_scan_ref(*leaves, True)
     ((exp_out * dout.cpu().double()).sum() + (exp_last * dlast.cpu().double()).sum()).backward()
     assert out.dtype == dtype and last.dtype == torch.float32
-    assert _rel_err(out, exp_out) < TOL[dtype]
-    assert _rel_err(last, exp_last) < TOL[dtype]
+    assert_close_f64(out, exp_out, "out")
+    assert_close_f64(last, exp_last, "last_state")
     grads = ss.selective_scan_bwd(dout, dlast, *inputs, True)
     for name, grad, leaf, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), grads, leaves, inputs):
         assert grad.dtype == t.dtype and grad.shape == t.shape, name
-        assert _rel_err(grad, leaf.grad) < TOL[dtype], name
+        assert_close_f64(grad, leaf.grad, f"grad of {name}")
 
 
 def test_selective_scan_absent_optionals_give_none_and_backward_is_deterministic():
@@ -104,11 +99,11 @@ def test_ss2d_across_chunks_non_square():
     exp = ss2d_scan_ref(*leaves, True)
     (exp * dout.cpu().double().reshape(exp.shape)).sum().backward()
     assert out.shape == (1, 2, 72) and out.dtype == torch.float32
-    assert _rel_err(out.reshape(exp.shape), exp) < TOL[torch.float32]
+    assert_close_f64(out.reshape(exp.shape), exp, "out")
     grads = s2.ss2d_scan_bwd(dout, *inputs, True)
     for name, grad, leaf, t in zip(("u", "delta", "A", "B", "C", "D", "delta_bias"), grads, leaves, inputs):
         assert grad.dtype == t.dtype and grad.shape == t.shape, name
-        assert _rel_err(grad, leaf.grad) < TOL[torch.float32], name
+        assert_close_f64(grad, leaf.grad, f"grad of {name}")
 
 
 @pytest.mark.parametrize("case", ["A-dtype", "u-layout", "B-shape", "z-dtype"])

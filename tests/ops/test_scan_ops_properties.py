@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis, bounded example counts): random shapes, strides, options and dtypes for
-selective_scan and ss2d_scan, every backend against the float64 reference."""
+selective_scan and ss2d_scan, every backend against float64 fed the same rounded inputs and cotangent, elementwise
+(helpers.scan_utils.tolerance): the float64 reference, or for the ref backend in float64 the independent loops."""
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from medkernels import ops  # noqa: E402
 from medkernels.ops.selective_scan_ref import selective_scan_ref  # noqa: E402
 from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref  # noqa: E402
 
-TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
+from helpers.scan_utils import assert_close_f64, scan_loop_f64, ss2d_loop_f64  # noqa: E402
+
 # the Triton interpreter is slow: fewer and smaller examples there
 EXAMPLES = {"ref": 8, "cpu": 25, "triton": 4}
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -23,12 +25,6 @@ def _maybe_strided(t, transpose):
     return t.transpose(-1, -2).contiguous().transpose(-1, -2) if transpose and t.dim() >= 2 else t
 
 
-def _close(got, exp, dtype):
-    tol = TOL[dtype]
-    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
-    torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol * scale)
-
-
 @st.composite
 def scan_cases(draw, small):
     batch = draw(st.integers(1, 2))
@@ -37,7 +33,7 @@ def scan_cases(draw, small):
     L = draw(st.integers(1, 12 if small else 80))
     n = draw(st.integers(1, 6 if small else 17))
     return dict(batch=batch, dim=dim, L=L, n=n, groups=groups,
-                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
                 D=draw(st.booleans()), z=draw(st.booleans()), bias=draw(st.booleans()),
                 softplus=draw(st.booleans()), strided=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
@@ -60,12 +56,15 @@ def _check_scan(backend, c):
     present = {k: v for k, v in t.items() if v is not None}
     grads = torch.autograd.grad(out, list(present.values()), dout)
     leaves = {k: None if v is None else v.detach().double().requires_grad_() for k, v in t.items()}
-    exp = selective_scan_ref(*leaves.values(), c["softplus"])[0]
+    if backend == "ref" and dt == torch.float64:  # not the float64 reference against itself
+        exp = scan_loop_f64(**leaves, delta_softplus=c["softplus"])[0]
+    else:
+        exp = selective_scan_ref(*leaves.values(), c["softplus"])[0]
     exp_grads = torch.autograd.grad(exp, [v for v in leaves.values() if v is not None], dout.double())
-    _close(out, exp, dt)
+    assert_close_f64(out, exp, "out")
     for name, got, want in zip(present, grads, exp_grads):
         assert got.shape == present[name].shape and got.dtype == present[name].dtype, name
-        _close(got, want, dt)
+        assert_close_f64(got, want, f"grad of {name}")
 
 
 @pytest.mark.parametrize("backend", ["ref", "cpu", "triton"])
@@ -113,11 +112,14 @@ def test_ss2d_scan_matches_reference_on_random_cases(backend):
         present = {k: v for k, v in t.items() if v is not None}
         grads = torch.autograd.grad(out, list(present.values()), dout)
         leaves = {k: None if v is None else v.detach().double().requires_grad_() for k, v in t.items()}
-        exp = ss2d_scan_ref(*leaves.values(), c["softplus"])
+        if backend == "ref" and dt == torch.float64:  # not the float64 reference against itself
+            exp = ss2d_loop_f64(**leaves, delta_softplus=c["softplus"])
+        else:
+            exp = ss2d_scan_ref(*leaves.values(), c["softplus"])
         exp_grads = torch.autograd.grad(exp, [v for v in leaves.values() if v is not None], dout.double().reshape(exp.shape))
-        _close(out.reshape(exp.shape), exp, dt)
+        assert_close_f64(out.reshape(exp.shape), exp, "out")
         for name, got, want in zip(present, grads, exp_grads):
             assert got.shape == present[name].shape, name
-            _close(got, want, dt)
+            assert_close_f64(got, want, f"grad of {name}")
 
     run()

@@ -1,5 +1,6 @@
-"""selective_scan: every backend against an independent float64 statement of the recurrence, gradients by
-gradcheck, and the boundary checks."""
+"""selective_scan: every backend against an independent float64 statement of the recurrence (outputs and every
+gradient, in each dtype, elementwise: helpers.scan_utils.tolerance), gradients by gradcheck, and the boundary
+checks."""
 import math
 
 import pytest
@@ -7,10 +8,12 @@ import torch
 
 import medkernels
 from medkernels.ops import selective_scan
+from medkernels.ops.selective_scan_ref import selective_scan_ref
 
-from helpers.scan_utils import scan_loop_f64
+from helpers.scan_utils import assert_all_close_f64, assert_close_f64, scan_loop_f64
 
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+HALF = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def make_inputs(batch, dim, L, n, groups, dtype, options, seed=0, device="cpu"):
@@ -64,9 +67,8 @@ def test_every_backend_and_dtype_against_float64(device_backend, dtype):
         out, last = selective_scan(*args, **kw, return_last_state=True)
     assert out.dtype == dtype and last.dtype == torch.float32
     exp_out, exp_last = scan_loop_f64(*(a.cpu() for a in args), **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol)
-    torch.testing.assert_close(last.cpu().double(), exp_last, rtol=TOL[torch.float32][0], atol=1e-4)
+    assert_close_f64(out, exp_out, "out")
+    assert_close_f64(last, exp_last, "last_state")
 
 
 def test_non_contiguous_inputs_match_contiguous(device_backend):
@@ -110,8 +112,8 @@ def test_gradients_of_every_input_match_float64_autograd():
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     exp, _ = scan_loop_f64(*leaves64[:5], D=leaves64[5], z=leaves64[6], delta_bias=leaves64[7], delta_softplus=True)
     exp_grads = torch.autograd.grad((exp * weights.double()).sum(), leaves64)
-    for name, g, e in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], grads, exp_grads):
-        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
+        assert_close_f64(g, e, f"grad of {name}")
 
 
 def test_empty_sequence_gives_empty_output():
@@ -149,7 +151,7 @@ def _bad(case):
                                   "C-groups", "D-shape", "z-shape", "mixed-devices"])
 def test_bad_inputs_raise_naming_the_argument(case):
     args, kw, exc, word = _bad(case)
-    with pytest.raises(exc, match=word):
+    with pytest.raises(exc, match=rf"\b{word}\b"):  # the name as a word: "u" alone would match "must"
         selective_scan(*args, **kw)
 
 
@@ -162,45 +164,95 @@ CURATED = [  # (batch, dim, L, N, G, options)
     pytest.param((1, 8, 2051, 16, 4, ("delta_bias", "softplus")), id="L2051-N16-G4"),
     pytest.param((1, 8, 3136, 16, 4, ("D", "delta_bias", "softplus")), id="L3136-N16-G4-medmamba"),
 ]
-CURATED_TOL = {torch.float32: (2e-4, 2e-5), torch.float64: (1e-9, 1e-10)}
 
 
-def _forward_and_grads(args, kw, weights):
+def _cotangents(batch, dim, L, n, dtype, device="cpu", seed=11):
+    """(d out, d last_state), drawn in float32 and rounded to the dtypes of out (dtype) and last_state."""
+    g = torch.Generator().manual_seed(seed)
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.randn(batch, dim, L, generator=g).to(device, dtype),
+            torch.randn(batch, dim, n, generator=g).to(device, state))
+
+
+def _forward_and_grads(args, kw, cot, fn=None):
+    """(out, last_state, gradients of every tensor input) of selective_scan (or fn, with its signature) for the
+    cotangents cot = (d out, d last_state); the inputs are detached copies."""
     leaves = [a.detach().clone().requires_grad_(True) for a in args]
     opt = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) else v) for k, v in kw.items()}
-    out, last = selective_scan(*leaves, **opt, return_last_state=True)
-    loss = (out.double() * weights[0]).sum() + (last.double() * weights[1]).sum()
+    if fn is None:
+        out, last = selective_scan(*leaves, **opt, return_last_state=True)
+    else:
+        out, last = fn(*leaves, **opt)
     tensors = leaves + [v for v in opt.values() if torch.is_tensor(v)]
-    return out, last, torch.autograd.grad(loss, tensors)
+    return out, last, torch.autograd.grad((out, last), tensors, cot)
+
+
+def _float64_expected(args, kw, cot, fn):
+    """_forward_and_grads of fn in float64 on the same (already rounded) inputs and cotangents, on CPU."""
+    up = lambda t: t.detach().cpu().double()  # noqa: E731
+    return _forward_and_grads([up(a) for a in args], {k: (up(v) if torch.is_tensor(v) else v) for k, v in kw.items()},
+                              tuple(up(c) for c in cot), fn)
+
+
+def _reference_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _check_all(out, last, grads, expected, kw, known_fault=None, floor_scale=None):
+    """out, last_state and the gradients against their float64 values (scan_utils.assert_all_close_f64)."""
+    exp_out, exp_last, exp_grads = expected
+    names = ["u", "delta", "A", "B", "C"] + [k for k, v in kw.items() if torch.is_tensor(v)]
+    results = [("out", out, exp_out), ("last_state", last, exp_last)]
+    results += [(f"grad of {nm}", g, e) for nm, g, e in zip(names, grads, exp_grads)]
+    assert_all_close_f64(results, known_fault, floor_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CURATED)
 def test_backend_matches_float64_reference_with_all_gradients(device_backend, case, dtype):
+    """Outputs and every gradient against float64 elementwise (scan_utils.tolerance; its floor for entries that
+    cancel is scaled by the largest entry: dA, dD and d delta_bias here are sums over up to 3136 positions, dB
+    and dC over 4 channels; the cases of at most 7 positions hold with the floor at unit scale instead). The
+    reference itself is held to the independent float64 loop."""
     device, backend = device_backend
     batch, dim, L, n, groups, options = case
     if backend == "ref" and L > 129:
-        pytest.skip("the reference against itself in float64: covered by the small cases")
+        pytest.skip("the reference is held to the float64 loop, too slow for long sequences: the small cases do it")
     if backend == "triton" and device.type == "cpu" and L > 129:
         pytest.skip("the Triton interpreter is too slow for long sequences; they run on GPU")
     args, kw = make_inputs(batch, dim, L, n, groups, dtype, options, device=device)
-    g = torch.Generator().manual_seed(11)
-    weights = (torch.randn(batch, dim, L, generator=g, dtype=torch.float64).to(device),
-               torch.randn(batch, dim, n, generator=g, dtype=torch.float64).to(device))
+    cot = _cotangents(batch, dim, L, n, dtype, device)
     with medkernels.use_backend(backend):
-        out, last, grads = _forward_and_grads(args, kw, weights)
-    args64 = [a.detach().cpu().double() for a in args]
-    kw64 = {k: (v.detach().cpu().double() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    with medkernels.use_backend("ref"):
-        exp_out, exp_last, exp_grads = _forward_and_grads(args64, kw64, tuple(w.cpu() for w in weights))
-    rtol, atol = CURATED_TOL[dtype]
-    scale = lambda t: atol * max(1.0, t.abs().max().item())  # noqa: E731
-    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=scale(exp_out))
-    torch.testing.assert_close(last.cpu().double(), exp_last, rtol=rtol, atol=scale(exp_last))
-    names = ["u", "delta", "A", "B", "C"] + [k for k, v in kw.items() if torch.is_tensor(v)]
-    for name, got, exp in zip(names, grads, exp_grads):
-        torch.testing.assert_close(got.cpu().double(), exp, rtol=10 * rtol, atol=10 * scale(exp),
-                                   msg=lambda m: f"grad of {name}: {m}")
+        out, last, grads = _forward_and_grads(args, kw, cot)
+    # the float64 reference against itself would check nothing: the reference is held to the loop instead
+    expected = _float64_expected(args, kw, cot, scan_loop_f64 if backend == "ref" else _reference_f64)
+    _check_all(out, last, grads, expected, kw, floor_scale=1.0 if L <= 7 else None)
+
+
+HALF_CASES = [  # (batch, dim, L, N, G, options): each spans more than one chunk (64 positions) of the kernels
+    pytest.param((2, 3, 67, 5, None, OPTION_SETS[-1]), id="L67-dim3-N5-all"),  # odd sizes, B/C shared by every channel
+    pytest.param((1, 4, 70, 16, 2, ("D", "z")), id="L70-N16-G2-D-z"),  # N = 16: the CPU kernels' specialised size
+    pytest.param((2, 8, 200, 16, 4, OPTION_SETS[-1]), id="L200-N16-G4-all"),  # four chunks, the last partial
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_precision_gradients_against_float64(device_backend, case, dtype):
+    """float16/bfloat16: out, last_state and every gradient against float64 fed the same rounded inputs and
+    cotangents, elementwise to the dtype's rounding (the state dtype's gradients of A, D and delta_bias, float32
+    sums over the batch and positions, to float32's)."""
+    device, backend = device_backend
+    batch, dim, L, n, groups, options = case
+    if backend == "triton" and device.type == "cpu" and L > 70:
+        pytest.skip("the Triton interpreter is too slow for this size; the two shorter cases cover it")
+    args, kw = make_inputs(batch, dim, L, n, groups, dtype, options, device=device)  # drawn in float32, rounded
+    cot = _cotangents(batch, dim, L, n, dtype, device)
+    with medkernels.use_backend(backend):
+        out, last, grads = _forward_and_grads(args, kw, cot)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert [g.dtype for g in grads[:5]] == [dtype, dtype, torch.float32, dtype, dtype]
+    _check_all(out, last, grads, _float64_expected(args, kw, cot, _reference_f64), kw)
 
 
 @pytest.mark.parametrize("grouping", [("G2", None), (None, "G2"), ("G2", "G4")], ids=["B-G2-C-plain", "B-plain-C-G2", "B-G2-C-G4"])
@@ -212,13 +264,30 @@ def test_mixed_grouping_of_B_and_C(device_backend, grouping):
     make = lambda spec: (torch.randn(2, int(spec[1:]), 3, 9, generator=g, dtype=torch.float64) if spec  # noqa: E731
                          else torch.randn(2, 3, 9, generator=g, dtype=torch.float64)).to(device)
     B, C = make(grouping[0]), make(grouping[1])
-    weights = (torch.randn(2, 8, 9, generator=g, dtype=torch.float64).to(device), torch.zeros(2, 8, 3, dtype=torch.float64).to(device))
+    cot = _cotangents(2, 8, 9, 3, torch.float64, device, seed=6)
     with medkernels.use_backend(backend):
-        out, _, grads = _forward_and_grads((u, delta, A, B, C), kw, weights)
-    with medkernels.use_backend("ref"):
-        exp, _, exp_grads = _forward_and_grads((u.cpu(), delta.cpu(), A.cpu(), B.cpu(), C.cpu()),
-                                               {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()},
-                                               tuple(w.cpu() for w in weights))
-    torch.testing.assert_close(out.cpu(), exp, rtol=1e-9, atol=1e-10)
-    for got, want in zip(grads, exp_grads):
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-8, atol=1e-9)
+        out, last, grads = _forward_and_grads((u, delta, A, B, C), kw, cot)
+    _check_all(out, last, grads, _float64_expected((u, delta, A, B, C), kw, cot, scan_loop_f64), kw)
+
+
+# Found by the test below and left to the op's maintainers: _KernelImpl._ungrouped_grad sums the group copies of
+# dB after the kernel has rounded each to float16/bfloat16, so where the copies cancel, dB is off by many eps of
+# the dtype (up to ~20 of float16 and ~11 of bfloat16 with 4 groups). Summing in float32 before the one
+# rounding would hold it to the dtype's rounding.
+MIXED_HALF_FAULT = ("the kernel backends round dB of an ungrouped B with a grouped C twice in float16/bfloat16",
+                    ("grad of B",))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_mixed_grouping_half_precision_gradients(device_backend, dtype):
+    """An ungrouped B with C in 2 groups, in half precision, over two chunks: dB sums the 2 copies of B that
+    the groups read."""
+    device, backend = device_backend
+    args, kw = make_inputs(1, 4, 70, 4, None, dtype, (), device=device)
+    u, delta, A, B, _ = args
+    C = torch.randn(1, 2, 4, 70, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    cot = _cotangents(1, 4, 70, 4, dtype, device, seed=9)
+    with medkernels.use_backend(backend):
+        out, last, grads = _forward_and_grads((u, delta, A, B, C), kw, cot)
+    _check_all(out, last, grads, _float64_expected((u, delta, A, B, C), kw, cot, _reference_f64), kw,
+               known_fault=None if backend == "ref" else MIXED_HALF_FAULT)

@@ -1,5 +1,6 @@
 """ss2d_scan (the fused four-direction SS2D scan): the reference against an explicit per-direction statement,
-every backend against the reference in float64 (outputs and every gradient), and the boundary checks."""
+every backend against float64 in each dtype (outputs and every gradient, elementwise: helpers.scan_utils.tolerance),
+and the boundary checks."""
 import pytest
 import torch
 
@@ -7,10 +8,10 @@ import medkernels
 from medkernels.ops import cross_merge, cross_scan, selective_scan, ss2d_scan
 from medkernels.ops.ss2d_scan_ref import ss2d_scan_ref
 
-from helpers.scan_utils import scan_loop_f64
+from helpers.scan_utils import assert_all_close_f64, ss2d_loop_f64
 
-TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
-GRAD_TOL = {torch.float64: (1e-8, 1e-8), torch.float32: (1e-3, 1e-4)}
+HALF = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
+NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
 
 def make_inputs(batch, dim, h, w, n, dtype, with_d=True, with_bias=True, seed=0, device="cpu"):
@@ -27,27 +28,14 @@ def make_inputs(batch, dim, h, w, n, dtype, with_d=True, with_bias=True, seed=0,
     return (cast(u, dtype), cast(delta, dtype), cast(A, sdt), cast(B, dtype), cast(C, dtype), cast(D, sdt), cast(bias, sdt))
 
 
-def pixel_orders(h, w):
-    rows = [r * w + q for r in range(h) for q in range(w)]
-    cols = [r * w + q for q in range(w) for r in range(h)]
-    return [rows, cols, rows[::-1], cols[::-1]]
-
-
 @pytest.mark.parametrize("hw", [(1, 1), (3, 4), (4, 3), (2, 5)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_reference_matches_explicit_directions(hw):
     h, w = hw
     u, delta, A, B, C, D, bias = make_inputs(2, 3, h, w, 2, torch.float64)
-    expected = torch.zeros(2, 3, h * w, dtype=torch.float64)
-    for k, order in enumerate(pixel_orders(h, w)):
-        idx = torch.tensor(order)
-        rows = slice(k * 3, k * 3 + 3)
-        y, _ = scan_loop_f64(u.reshape(2, 3, -1)[..., idx], delta[:, k].reshape(2, 3, -1)[..., idx], A[rows],
-                             B[:, k].reshape(2, 2, -1)[..., idx], C[:, k].reshape(2, 2, -1)[..., idx],
-                             D=D[rows], delta_bias=bias[rows], delta_softplus=True)
-        expected[..., idx] += y
+    expected = ss2d_loop_f64(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)
     with medkernels.use_backend("ref"):
         out = ss2d_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)
-    torch.testing.assert_close(out.reshape(2, 3, -1), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_equals_unfused_cross_scan_selective_scan_cross_merge():
@@ -70,47 +58,83 @@ CASES = [  # (batch, dim, H, W, N, D and bias, softplus)
 ]
 
 
-def _run_and_grads(inputs, softplus, cot):
+def _run_and_grads(inputs, softplus, cot, fn=ss2d_scan):
+    """(out, gradients of the present inputs) of fn (ss2d_scan's signature) for the cotangent cot."""
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
-    out = ss2d_scan(*leaves[:5], D=leaves[5], delta_bias=leaves[6], delta_softplus=softplus)
+    out = fn(*leaves[:5], D=leaves[5], delta_bias=leaves[6], delta_softplus=softplus)
     present = [t for t in leaves if t is not None]
-    return out, torch.autograd.grad((out * cot).sum(), present)
+    return out, torch.autograd.grad(out, present, cot)
+
+
+def _reference_f64(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    return ss2d_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def _check_against_float64(inputs, softplus, cot, out, grads, fn, known_fault=None, floor_scale=None):
+    """out and every gradient against fn in float64 on the same (already rounded) inputs and cotangent
+    (scan_utils.assert_all_close_f64)."""
+    up = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    exp_out, exp_grads = _run_and_grads([up(t) for t in inputs], softplus, up(cot), fn)
+    names = [nm for nm, t in zip(NAMES, inputs) if t is not None]
+    results = [("out", out, exp_out)] + [(f"grad of {nm}", g, e) for nm, g, e in zip(names, grads, exp_grads)]
+    assert_all_close_f64(results, known_fault, floor_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_every_backend_against_float64_reference(device_backend, case, dtype):
+    """Outputs and every gradient against float64 elementwise (scan_utils.tolerance: its floor for entries that
+    cancel is scaled by the largest entry; dA, dD and d delta_bias are sums over every pixel and image, out and
+    du over four directions; the one-pixel case holds with the floor at unit scale instead). The reference
+    itself is held to the explicit per-direction float64 loop."""
     device, backend = device_backend
     batch, dim, h, w, n, with_d, softplus = case
     if backend == "triton" and device.type == "cpu" and h * w > 16:
         pytest.skip("the Triton interpreter is too slow for this size; covered by the smaller cases")
+    if backend == "ref" and dtype == torch.float64 and h * w > 16:
+        pytest.skip("the reference is held to the float64 loop, too slow for this size: the small cases do it")
     inputs = make_inputs(batch, dim, h, w, n, dtype, with_d, with_d, device=device)
     cot = torch.randn(batch, dim, h, w, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     with medkernels.use_backend(backend):
         out, grads = _run_and_grads(inputs, softplus, cot)
-    inputs64 = [t.detach().cpu().double() if t is not None else None for t in inputs]
-    with medkernels.use_backend("ref"):
-        exp_out, exp_grads = _run_and_grads(inputs64, softplus, cot.cpu().double())
     assert out.dtype == dtype and out.shape == (batch, dim, h, w)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol)
-    names = [nm for nm, t in zip(("u", "delta", "A", "B", "C", "D", "delta_bias"), inputs) if t is not None]
-    grtol, gatol = GRAD_TOL[dtype]
-    for name, g, e in zip(names, grads, exp_grads):
-        torch.testing.assert_close(g.cpu().double(), e, rtol=grtol, atol=gatol * max(1.0, e.abs().max().item()),
-                                   msg=lambda m: f"grad of {name}: {m}")
+    # the float64 reference against itself would check nothing: the reference is held to the loop instead
+    _check_against_float64(inputs, softplus, cot, out, grads,
+                           ss2d_loop_f64 if backend == "ref" and dtype == torch.float64 else _reference_f64,
+                           floor_scale=1.0 if h * w == 1 else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_inputs(device_backend, dtype):
+# Found by the test below and left to the op's maintainers: in float16/bfloat16 the ref backend (ss2d_scan_ref, the
+# composition cross_scan -> selective_scan -> cross_merge) rounds each direction's output to the dtype before
+# the merge sums the four, and likewise each direction's du before cross_scan's backward sums them: where the
+# directions cancel, out and du are off by tens to hundreds of eps (the kernels sum in float32 and round once).
+REF_HALF_FAULT = ("ref rounds each direction's out and du to float16/bfloat16 before summing the four",
+                  ("out", "grad of u"))
+
+HALF_CASES = [  # (batch, dim, H, W, N, D and bias, softplus)
+    pytest.param((2, 4, 3, 5, 4, False, False), id="3x5-N4-noD-nosoftplus"),  # one chunk, no optional inputs
+    pytest.param((1, 3, 5, 13, 5, True, True), id="5x13-N5"),  # 65 pixels: two chunks of 64; odd sizes
+    pytest.param((2, 3, 11, 13, 16, True, True), id="11x13-N16"),  # three chunks, the CPU kernels' N = 16
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_precision_gradients_against_float64(device_backend, case, dtype):
+    """float16/bfloat16: out and every gradient against float64 fed the same rounded inputs and cotangent,
+    elementwise to the dtype's rounding (the gradients of A, D and delta_bias, float32 sums over the pixels and
+    images, to float32's)."""
     device, backend = device_backend
-    inputs = make_inputs(2, 4, 3, 5, 4, dtype, device=device)
+    batch, dim, h, w, n, with_d, softplus = case
+    if backend == "triton" and device.type == "cpu" and h * w > 65:
+        pytest.skip("the Triton interpreter is too slow for this size; the two smaller cases cover it")
+    inputs = make_inputs(batch, dim, h, w, n, dtype, with_d, with_d, device=device)  # drawn in float32, rounded
+    cot = torch.randn(batch, dim, h, w, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     with medkernels.use_backend(backend):
-        out = ss2d_scan(*inputs[:5], D=inputs[5], delta_bias=inputs[6])
-    exp = ss2d_scan_ref(*[t.cpu().double() if t is not None else None for t in inputs], True)
-    assert out.dtype == dtype
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.cpu().double(), exp, rtol=rtol, atol=atol * max(1.0, exp.abs().max().item()))
+        out, grads = _run_and_grads(inputs, softplus, cot)
+    assert out.dtype == dtype and [g.dtype for g in grads[:5]] == [dtype, dtype, torch.float32, dtype, dtype]
+    _check_against_float64(inputs, softplus, cot, out, grads, _reference_f64,
+                           known_fault=REF_HALF_FAULT if backend == "ref" else None)
 
 
 def test_non_contiguous_inputs(device_backend):
@@ -149,5 +173,5 @@ def _bad(case):
 @pytest.mark.parametrize("case", ["u-rank", "delta-shape", "delta-dtype", "A-rows", "A-complex", "N-too-large", "B-shape", "D-shape", "mixed-devices"])
 def test_bad_inputs_raise_naming_the_argument(case):
     args, kw, exc, word = _bad(case)
-    with pytest.raises(exc, match=word):
+    with pytest.raises(exc, match=rf"\b{word}\b"):  # the name as a word: "u" alone would match "must"
         ss2d_scan(*args, **kw)
