@@ -71,10 +71,21 @@ class _KernelImpl:
         return out, last_state
 
     def backward(self, dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        groups = self._groups(B, C)
+        if u.dtype in (torch.float16, torch.bfloat16) and any(M.shape[1] != groups if M.dim() == 4 else groups > 1
+                                                               for M in (B, C)):
+            # B or C is repeated to the other's groups, and its gradient is the sum over the copies: in half
+            # precision each copy would be rounded before the sum, so the kernel runs in float32 and the sums
+            # are rounded once (restore_grads)
+            def up(t):
+                return None if t is None else t.float()
+
+            grads = self.backward(up(dout), dlast, up(u), up(delta), A, up(B), up(C), D, up(z), delta_bias,
+                                  delta_softplus)
+            return restore_grads(grads, (u, delta, A, B, C, D, z, delta_bias))
         operands = self._operands(u, delta, A, B, C, D, z, delta_bias)
         dlast = kernel_operand(dlast, acc_dtype(u))
         grads = list(self.bwd(kernel_operand(dout, u.dtype), dlast, *operands, delta_softplus))
-        groups = self._groups(B, C)
         grads[3] = self._ungrouped_grad(grads[3], B, groups)
         grads[4] = self._ungrouped_grad(grads[4], C, groups)
         return restore_grads(grads, (u, delta, A, B, C, D, z, delta_bias))

@@ -270,14 +270,9 @@ def test_mixed_grouping_of_B_and_C(device_backend, grouping):
     _check_all(out, last, grads, _float64_expected((u, delta, A, B, C), kw, cot, scan_loop_f64), kw)
 
 
-# Found by the test below and left to the op's maintainers: _KernelImpl._ungrouped_grad sums the group copies of
-# dB after the kernel has rounded each to float16/bfloat16, so where the copies cancel, dB is off by many eps of
-# the dtype (up to ~20 of float16 and ~11 of bfloat16 with 4 groups). Summing in float32 before the one
-# rounding would hold it to the dtype's rounding.
-MIXED_HALF_FAULT = ("the kernel backends round dB of an ungrouped B with a grouped C twice in float16/bfloat16",
-                    ("grad of B",))
-
-
+# Found by the test below: the kernels rounded each group copy of dB to float16/bfloat16 before the copies were
+# summed, so where they cancelled dB was off by many eps (up to ~20 of float16, ~11 of bfloat16 with 4 groups);
+# the kernel backends now run a mixed grouping's backward in float32 and round the sums once.
 @pytest.mark.parametrize("dtype", HALF)
 def test_mixed_grouping_half_precision_gradients(device_backend, dtype):
     """An ungrouped B with C in 2 groups, in half precision, over two chunks: dB sums the 2 copies of B that
@@ -289,5 +284,4 @@ def test_mixed_grouping_half_precision_gradients(device_backend, dtype):
     cot = _cotangents(1, 4, 70, 4, dtype, device, seed=9)
     with medkernels.use_backend(backend):
         out, last, grads = _forward_and_grads((u, delta, A, B, C), kw, cot)
-    _check_all(out, last, grads, _float64_expected((u, delta, A, B, C), kw, cot, _reference_f64), kw,
-               known_fault=None if backend == "ref" else MIXED_HALF_FAULT)
+    _check_all(out, last, grads, _float64_expected((u, delta, A, B, C), kw, cot, _reference_f64), kw)

@@ -104,13 +104,9 @@ def test_every_backend_against_float64_reference(device_backend, case, dtype):
                            floor_scale=1.0 if h * w == 1 else None)
 
 
-# Found by the test below and left to the op's maintainers: in float16/bfloat16 the ref backend (ss2d_scan_ref, the
-# composition cross_scan -> selective_scan -> cross_merge) rounds each direction's output to the dtype before
-# the merge sums the four, and likewise each direction's du before cross_scan's backward sums them: where the
-# directions cancel, out and du are off by tens to hundreds of eps (the kernels sum in float32 and round once).
-REF_HALF_FAULT = ("ref rounds each direction's out and du to float16/bfloat16 before summing the four",
-                  ("out", "grad of u"))
-
+# Found by the test below: in float16/bfloat16 the ref backend (ss2d_scan_ref) rounded each direction's output
+# to the dtype before the merge summed the four, and likewise each direction's du: where the directions cancelled,
+# out and du were off by tens to hundreds of eps. The reference now sums in float32 and rounds once, as the kernels.
 HALF_CASES = [  # (batch, dim, H, W, N, D and bias, softplus)
     pytest.param((2, 4, 3, 5, 4, False, False), id="3x5-N4-noD-nosoftplus"),  # one chunk, no optional inputs
     pytest.param((1, 3, 5, 13, 5, True, True), id="5x13-N5"),  # 65 pixels: two chunks of 64; odd sizes
@@ -133,8 +129,7 @@ def test_half_precision_gradients_against_float64(device_backend, case, dtype):
     with medkernels.use_backend(backend):
         out, grads = _run_and_grads(inputs, softplus, cot)
     assert out.dtype == dtype and [g.dtype for g in grads[:5]] == [dtype, dtype, torch.float32, dtype, dtype]
-    _check_against_float64(inputs, softplus, cot, out, grads, _reference_f64,
-                           known_fault=REF_HALF_FAULT if backend == "ref" else None)
+    _check_against_float64(inputs, softplus, cot, out, grads, _reference_f64)
 
 
 def test_non_contiguous_inputs(device_backend):
