@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.medkernels-build-stamp
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: all venv build bench-build test bench bench-full bench-readme bench-pytest clean
+.PHONY: all venv build bench-build test test-sanitize bench bench-full bench-readme bench-pytest clean
 
 all: test
 
@@ -83,6 +83,13 @@ test: build
 		export TRITON_INTERPRET=1; \
 	fi; \
 	$(PY) -m pytest tests -q
+
+# The C++ CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, in a copy of the tree under
+# build/sanitize (the in-place build is left alone), and the CPU kernel tests run on them with libasan preloaded
+# (tools/sanitize.sh; docs/correctness.md).  SANITIZE_ARGS replaces the default tests with pytest arguments.
+SANITIZE_ARGS ?=
+test-sanitize: venv
+	PY="$(PY)" MAX_JOBS="$(MAX_JOBS)" tools/sanitize.sh $(SANITIZE_ARGS)
 
 # The quick suite (a few minutes on a 2-core CPU): prints the tables, writes
 # benchmarks/results/<device>.json and the .md table and .png plot beside it.  BENCH_ARGS passes options through.

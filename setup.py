@@ -10,6 +10,11 @@ Environment variables:
                              visible GPUs' architectures, or "8.0;9.0" when no GPU is visible.
   MEDKERNELS_CPU_OPT         optimisation of the C++ files (default -O3; -O1 builds in a fraction of the time,
                              for machines where the CPU kernels are tested but not timed).
+  MEDKERNELS_SANITIZE        off when unset or empty (the default).  "address", "undefined" or "address,undefined":
+                             compile and link the C++ files with gcc's -fsanitize=<value>, -g and frame pointers
+                             (with undefined, also -fno-wrapv and UB made fatal); CPU kernels only.  With address,
+                             the result loads only with libasan preloaded.  `make test-sanitize`
+                             (tools/sanitize.sh) builds and tests it.
   MAX_JOBS                   parallel compile jobs (read by torch.utils.cpp_extension).
 
 Install with `pip install --no-build-isolation .` (or `-e .`) so that the build uses the
@@ -154,6 +159,24 @@ def _c_string_macro(name, value):
     return f"-D{name}={json.dumps(value)}"
 
 
+def _sanitizer_flags():
+    """(compile flags, link flags) asked for by MEDKERNELS_SANITIZE; ([], []) when it is unset or empty."""
+    value = os.environ.get("MEDKERNELS_SANITIZE", "").strip()
+    if not value:
+        return [], []
+    names = value.split(",")
+    if not set(names) <= {"address", "undefined"} or len(set(names)) != len(names):
+        sys.exit(f"error: MEDKERNELS_SANITIZE must be address, undefined or address,undefined, got {value!r}")
+    sanitize = "-fsanitize=" + ",".join(names)
+    # -g and frame pointers: the reports' stacks name file:line
+    compile_flags = [sanitize, "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in names:
+        # -fno-wrapv undoes Python's -fwrapv (in the CFLAGS setuptools compiles with), under which gcc drops the
+        # signed-overflow check; -fno-sanitize-recover stops the process at the first report instead of going on
+        compile_flags += ["-fno-wrapv", "-fno-sanitize-recover=undefined"]
+    return compile_flags, [sanitize]
+
+
 def _csrc_sources(pattern):
     """The files under csrc/ (recursively) matching `pattern`, as sorted paths relative to the project root."""
     return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob(pattern) if p.is_file())
@@ -174,7 +197,10 @@ def _extensions():
     cpu_opt = os.environ.get("MEDKERNELS_CPU_OPT", "-O3")
     if cpu_opt not in ("-O0", "-O1", "-O2", "-O3"):
         sys.exit(f"error: MEDKERNELS_CPU_OPT must be one of -O0 -O1 -O2 -O3, got {cpu_opt!r}")
-    cxx_flags = [cpu_opt] + (["-fopenmp"] if openmp else [])
+    sanitizer_compile_flags, sanitizer_link_flags = _sanitizer_flags()
+    if sanitizer_compile_flags and with_cuda:
+        sys.exit("error: MEDKERNELS_SANITIZE builds the C++ CPU kernels only; set MEDKERNELS_BUILD_CUDA=0 as well")
+    cxx_flags = [cpu_opt] + (["-fopenmp"] if openmp else []) + sanitizer_compile_flags
     nvcc_flags = ["-O3", "-lineinfo"]
     # every C++ file under csrc/ (bindings, CPU kernels, one folder per op family); the .cu files join them
     # for a CUDA build. Includes are written relative to csrc/ ("common/check_message.h"), the include dir.
@@ -206,7 +232,7 @@ def _extensions():
         include_dirs=[str(ROOT / "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"] if openmp else [],
+        extra_link_args=(["-fopenmp"] if openmp else []) + sanitizer_link_flags,
     )
     if with_cuda:
         # After torch's own include dirs, so the toolkit's headers win where both have one.

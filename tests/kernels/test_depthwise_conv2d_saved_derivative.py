@@ -103,10 +103,10 @@ def test_cases_that_do_not_save(dtype, act, stride, padding, layout):
 
 
 def test_op_saves_in_eager_autograd_and_recomputes_for_a_second_backward(monkeypatch):
-    from medkernels.ops import depthwise_conv as dc
+    from medkernels.ops.depthwise_conv2d import DEPTHWISE_CONV2D
 
     _ext()
-    impl = dc.DEPTHWISE_CONV2D.impl("cpu")
+    impl = DEPTHWISE_CONV2D.impl("cpu")
     calls = []
     for name in ("backward_saved", "backward"):
         original = getattr(impl, name)
