@@ -2,8 +2,6 @@
 attentions, their gate forms and the fusion tail (hff_attention_tail's private building blocks, checked on
 their own here) and the combined op: outputs, gradients, BatchNorm running statistics, the pooling's ties,
 determinism, torch.library registration and bad inputs."""
-import re
-
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref, hff_fu
 
 from helpers.hff_utils import (DTYPE_CASES, assert_close_elementwise, assert_close_scaled, channels_last_like, rand, randn,
                                tolerance)
+from helpers.matching import named
 
 
 def _shape(backend):
@@ -516,11 +515,6 @@ def test_hff_path_compiles_without_graph_breaks(cpu_backend):
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------
 
-def _named(phrase):
-    """A match pattern for an argument name (or phrase) as a whole word: "x" must not match the x of "expected"."""
-    return rf"\b{re.escape(phrase)}\b"
-
-
 def _attention_tail_call(**changes):
     args = {"l": torch.zeros(2, 3, 4, 5), "g": torch.zeros(2, 2, 4, 5), "x_f": torch.zeros(2, 4, 4, 5),
             "conv_weight": torch.zeros(1, 2, 7, 7), "bn_weight": None, "bn_bias": None, "running_mean": None,
@@ -558,7 +552,7 @@ def _tail_args(**changes):
     ],
 )
 def test_bad_inputs(call, exc, word):
-    with pytest.raises(exc, match=_named(word)):
+    with pytest.raises(exc, match=named(word)):
         call()
 
 
@@ -583,7 +577,7 @@ def _compiled():
     ],
 )
 def test_cpu_kernels_reject_bad_operands(call, exc, word):
-    with pytest.raises(exc, match=_named(word)):
+    with pytest.raises(exc, match=named(word)):
         call(_compiled())
 
 
@@ -592,11 +586,11 @@ def test_triton_launchers_reject_bad_operands():
         pytest.skip("the triton backend is unavailable here")
     from medkernels.kernels import hff_attention, hff_attention_tail
 
-    with pytest.raises(TypeError, match=_named("spatial_gate")):
+    with pytest.raises(TypeError, match=named("spatial_gate")):
         hff_attention_tail.hff_fused_tail_fwd(*_tail_args(spatial_gate=torch.zeros(2, 1, 4, 5, dtype=torch.float64)).values(), 1e-6)
-    with pytest.raises(ValueError, match=_named("conv_weight")):
+    with pytest.raises(ValueError, match=named("conv_weight")):
         hff_attention.hff_spatial_gate_fwd(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 6, 6), None, None, None, None, True, 1e-5, True)
-    with pytest.raises(TypeError, match=_named("x")):
+    with pytest.raises(TypeError, match=named("x")):
         hff_attention.hff_channel_gate_fwd(torch.zeros(2, 8, 4, 4, dtype=torch.int32), torch.zeros(2, 8), torch.zeros(8, 2), True)
 
 

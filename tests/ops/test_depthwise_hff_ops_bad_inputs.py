@@ -6,8 +6,6 @@ argument names.
 
 A message "names" an argument when the name is a word of it (``_named``): a bare ``match="g"`` would also pass
 on the g of "got"."""
-import re
-
 import pytest
 import torch
 
@@ -18,12 +16,9 @@ from medkernels.ops.depthwise_conv2d_layernorm_ref import depthwise_conv2d_layer
 from medkernels.ops.depthwise_conv2d_ref import depthwise_conv2d_ref
 from medkernels.ops.hff_attention_tail_ref import hff_attention_tail_ref
 
+from helpers.matching import named
+
 HUGE = 2**31  # elements: one past what 32-bit offsets address
-
-
-def _named(phrase):
-    """A pattern that finds `phrase` (an argument's name, or words starting and ending with one) as whole words."""
-    return rf"\b{re.escape(phrase)}\b"
 
 
 def _huge(*shape):
@@ -60,9 +55,9 @@ COMPLEX_CASES = {
 
 
 @pytest.mark.parametrize("case", list(COMPLEX_CASES))
-def test_complex_or_bool_tensor_is_named(cpu_backend, case):
+def test_complex_or_bool_tensor_isnamed(cpu_backend, case):
     call, name = COMPLEX_CASES[case]
-    with medkernels.use_backend(cpu_backend), pytest.raises(TypeError, match=_named(name)):
+    with medkernels.use_backend(cpu_backend), pytest.raises(TypeError, match=named(name)):
         call()
 
 
@@ -128,7 +123,7 @@ HUGE_CASES = {
 @pytest.mark.parametrize("case", list(HUGE_CASES))
 def test_sizes_past_32_bit_offsets_are_refused(cpu_backend, case):
     call, name = HUGE_CASES[case]
-    with medkernels.use_backend(cpu_backend), pytest.raises(ValueError, match=_named(name) + r".*2\*\*31"):
+    with medkernels.use_backend(cpu_backend), pytest.raises(ValueError, match=named(name) + r".*2\*\*31"):
         call()
 
 
@@ -214,7 +209,7 @@ def _hff_block():
     pytest.param(lambda: mnn.LocalBlock(4)(torch.zeros(1, 5, 6, 6)), "weight", id="local-block-channels"),
 ])
 def test_modules_name_the_bad_argument(cpu_backend, call, word):
-    with medkernels.use_backend(cpu_backend), pytest.raises(ValueError, match=_named(word)):
+    with medkernels.use_backend(cpu_backend), pytest.raises(ValueError, match=named(word)):
         call()
 
 
