@@ -245,14 +245,19 @@ def hff_attention_tail(l, g, x_f, conv_weight, bn_weight, bn_bias, running_mean,
     return out
 
 
+def _tail_operands(l, g, x_f, *small):
+    """The fusion tail kernels' operands: the features contiguous, the gates and LayerNorm parameters in l's
+    accumulation dtype."""
+    return [t.contiguous() for t in (l, g, x_f)] + [acc_operand(t, l) for t in small]
+
+
 class _FusedTail(torch.autograd.Function):
     """The fusion tail kernels of a compiled or Triton backend alone, with the gates given."""
 
     @staticmethod
     def forward(ctx, kernels, l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias, eps):
         inputs = (l, g, x_f, spatial_gate, channel_gate, ln_weight, ln_bias)
-        operands = [t.contiguous() for t in inputs[:3]] + [acc_operand(t, l) for t in inputs[3:]]
-        out, mean, rstd = kernels.tail_fwd(*operands, eps)
+        out, mean, rstd = kernels.tail_fwd(*_tail_operands(*inputs), eps)
         ctx.kernels = kernels
         ctx.save_for_backward(*inputs, mean, rstd)
         return out
@@ -261,8 +266,7 @@ class _FusedTail(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         *inputs, mean, rstd = ctx.saved_tensors
-        operands = [t.contiguous() for t in inputs[:3]] + [acc_operand(t, inputs[0]) for t in inputs[3:]]
-        grads = ctx.kernels.tail_bwd(dout.to(inputs[0].dtype).contiguous(), *operands, mean, rstd)
+        grads = ctx.kernels.tail_bwd(dout.to(inputs[0].dtype).contiguous(), *_tail_operands(*inputs), mean, rstd)
         return (None,) + tuple(restore_grad(d, t) for d, t in zip(grads, inputs)) + (None,)
 
 

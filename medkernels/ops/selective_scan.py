@@ -44,19 +44,24 @@ class _KernelImpl:
         self.fwd, self.bwd = fwd, bwd
 
     @staticmethod
-    def _groups(B, C):
-        """The common group count of B and C (ungrouped counts as one group)."""
-        return math.lcm(*(M.shape[1] if M.dim() == 4 else 1 for M in (B, C)))
+    def _own_groups(M):
+        """B's or C's group count (ungrouped counts as one group)."""
+        return M.shape[1] if M.dim() == 4 else 1
+
+    @classmethod
+    def _groups(cls, B, C):
+        """The common group count of B and C."""
+        return math.lcm(cls._own_groups(B), cls._own_groups(C))
 
     @staticmethod
     def _grouped(M, groups):
         M = M if M.dim() == 4 else M.unsqueeze(1)
         return M.repeat_interleave(groups // M.shape[1], dim=1) if M.shape[1] != groups else M
 
-    @staticmethod
-    def _ungrouped_grad(g, M, groups):
+    @classmethod
+    def _ungrouped_grad(cls, g, M, groups):
         """Gradient of _grouped: sum the copies of each of M's groups."""
-        own = M.shape[1] if M.dim() == 4 else 1
+        own = cls._own_groups(M)
         return g.reshape(g.shape[0], own, groups // own, *g.shape[2:]).sum(2)
 
     def _operands(self, u, delta, A, B, C, D, z, delta_bias):
@@ -71,9 +76,7 @@ class _KernelImpl:
         return out, last_state
 
     def backward(self, dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        groups = self._groups(B, C)
-        if u.dtype in (torch.float16, torch.bfloat16) and any(M.shape[1] != groups if M.dim() == 4 else groups > 1
-                                                               for M in (B, C)):
+        if u.dtype in (torch.float16, torch.bfloat16) and self._own_groups(B) != self._own_groups(C):
             # B or C is repeated to the other's groups, and its gradient is the sum over the copies: in half
             # precision each copy would be rounded before the sum, so the kernel runs in float32 and the sums
             # are rounded once (restore_grads)
@@ -86,6 +89,7 @@ class _KernelImpl:
         operands = self._operands(u, delta, A, B, C, D, z, delta_bias)
         dlast = kernel_operand(dlast, acc_dtype(u))
         grads = list(self.bwd(kernel_operand(dout, u.dtype), dlast, *operands, delta_softplus))
+        groups = self._groups(B, C)
         grads[3] = self._ungrouped_grad(grads[3], B, groups)
         grads[4] = self._ungrouped_grad(grads[4], C, groups)
         return restore_grads(grads, (u, delta, A, B, C, D, z, delta_bias))
