@@ -13,17 +13,17 @@ The rows also name the top ATen operators of one hooked forward (torch.profiler)
 traced to convolutions, GEMMs or copies. Writes ``benchmarks/results/<device>-profile.json`` and ``.md``.
 """
 import argparse
+import contextlib
 import json
 import os
 import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 from medkernels import _backend
 
-from .networks import INFERENCE, NUM_CLASSES, TRAIN, batch_inputs, build_model
+from .networks import INFERENCE, NUM_CLASSES, TRAIN, _train_step, batch_inputs, build_model
 from .registry import MODEL_BENCHES
 from .report import device_info, environment, now_iso
 
@@ -92,14 +92,11 @@ class _Timeline:
 
 
 def _step(model, optimizer, x, y, pass_name):
+    """One step as the network benchmark times it (networks._train_step for training), in float32."""
     if pass_name == INFERENCE:
         with torch.no_grad():
             return model(x)
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss
+    return _train_step(model, optimizer, x, y, contextlib.nullcontext())
 
 
 def module_self_times(model, step, repeats):
