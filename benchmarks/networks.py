@@ -5,7 +5,8 @@ the pure-PyTorch ``ref`` backend), ``ref-compiled`` (``torch.compile`` of the mo
 ops stay opaque custom ops inside the compiled graph, compile time is the row's ``first_call_s``), and for
 MedMamba-T ``mambapy`` (CPU: the official SS2D formulation around mambapy's parallel scan) and ``official``
 (GPU: the official SS2D formulation around mamba_ssm's ``selective_scan_fn``, when installed).
-A training step is forward, cross-entropy, backward and an AdamW step.
+A training step is forward, cross-entropy, backward and an AdamW step. The providers of one pass and batch are
+timed interleaved (one call of each per round), after each one's first call.
 
 Mixed precision: ``medkernels`` and ``ref`` also run under bfloat16 autocast (``<provider> bf16-autocast``: the
 forward and the loss inside ``torch.autocast``, float32 weights) and with the weights cast to bfloat16
@@ -24,22 +25,32 @@ from medkernels import _backend
 from .common import importable
 from .op import _short, max_abs_diff
 from .scan import MEDMAMBA_T_STAGES, N, mamba_ssm_scan, mambapy_scan, ref_backward_skip_reason
-from .timing import QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, timed_first_call
+from .timing import (QUICK_ROW_BUDGET_S, child_peak_mb, cuda_peak_mb, repeats_within, time_interleaved,
+                     timed_first_call)
 
 NUM_CLASSES = 7
 INFERENCE, TRAIN = "inference", "train step"
 FLOAT32, AUTOCAST, HALF_WEIGHTS = "float32", "bf16-autocast", "bf16-weights"
 
-# (device type, quick) -> sizes and batches. Quick on CPU trains at a small batch to fit a few minutes.
+# (device type, quick) -> sizes and batches. "compile" is a bool or the inference batches torch.compile is timed at
+# (on a small CPU, compiling a network takes minutes: the quick run compiles once, for the goal batch).
 CONFIG = {
-    ("cpu", True): {"size": 224, "infer_batches": (1, 4), "train_batch": 2, "compile": False,
+    ("cpu", True): {"size": 224, "infer_batches": (1, 8), "train_batch": 4, "compile": (8,),
                     "mambapy_inference": False},
     ("cpu", False): {"size": 224, "infer_batches": (1, 8), "train_batch": 8, "compile": True},
     ("cuda", True): {"size": 224, "infer_batches": (1, 32), "train_batch": 32, "compile": True},
     ("cuda", False): {"size": 224, "infer_batches": (1, 64), "train_batch": 64, "compile": True},
 }
-QUICK_CPU_COMPILE_NOTE = ("skipped: --quick on CPU (compiling each network takes minutes on a small CPU; "
-                          "run --full)")
+QUICK_CPU_COMPILE_NOTE = ("skipped: --quick on CPU compiles only the inference at the goal batch (compiling each "
+                          "network takes minutes on a small CPU; run --full)")
+
+
+def _compiles(cfg, pass_name, batch):
+    """Whether the configuration times torch.compile for this pass and batch."""
+    chosen = cfg["compile"]
+    if isinstance(chosen, bool):
+        return chosen
+    return pass_name == INFERENCE and batch in tuple(chosen)
 
 
 OVERRIDES = {}  # the CLI's --batches / --train-batch
@@ -120,8 +131,11 @@ class _Provider:
 def providers_for(name, device):
     """[(provider name, _Provider or reason it is skipped)]."""
     device = torch.device(device)
-    out = [("medkernels", _Provider("medkernels", "auto")), ("ref", _Provider("ref", "ref")),
-           ("ref-compiled", _Provider("ref-compiled", "ref", compiled=True))]
+    compiled = _Provider("ref-compiled", "ref", compiled=True)
+    if name.startswith("medmamba") and device.type == "cpu":
+        compiled = ("skipped: the ref backend's scan is a Python loop over the sequence, which torch.compile would "
+                    "unroll (3136 steps a direction at stage 1); MedMamba's CPU baseline is mambapy")
+    out = [("medkernels", _Provider("medkernels", "auto")), ("ref", _Provider("ref", "ref")), ("ref-compiled", compiled)]
     for base, backend in (("medkernels", "auto"), ("ref", "ref")):
         for precision in (AUTOCAST, HALF_WEIGHTS):
             label = f"{base} {precision}"
@@ -211,13 +225,13 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
     plans = [(INFERENCE, b) for b in cfg["infer_batches"]] + [(TRAIN, cfg["train_batch"])]
     rows = []
     for pass_name, batch in plans:
-        group, outputs = [], {}
+        group, outputs, calls, first_s = [], {}, {}, {}
         for pname, provider in providers_for(name, device):
             row = _row(name, pass_name, pname, batch, cfg["size"])
             group.append(row)
             reason = provider if isinstance(provider, str) else None
-            if reason is None and provider.compiled and not cfg["compile"]:
-                reason = QUICK_CPU_COMPILE_NOTE
+            if reason is None and provider.compiled and not _compiles(cfg, pass_name, batch):
+                reason = QUICK_CPU_COMPILE_NOTE if quick and device.type == "cpu" else "skipped: not compiled here"
             if reason is None and pname == "mambapy" and pass_name == INFERENCE and not cfg.get("mambapy_inference", True):
                 reason = "skipped: --quick on CPU (mambapy is the training baseline here; --full times it too)"
             if (reason is None and provider.precision != FLOAT32 and not cfg.get("precisions", True)):
@@ -232,23 +246,52 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
                 first = {}
                 row["first_call_s"] = timed_first_call(lambda: first.setdefault("out", call()), device)
                 outputs[pname] = first["out"]
-                budget = QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None
-                reps = repeats_within(row["first_call_s"], repeats, budget)
-                row.update(time_call(call, device, max(0, warmup - 1), reps))
-                unit = batch / row["median_s"]
-                row["images_per_s"] = unit
-                if pass_name == TRAIN:
-                    row["steps_per_s"] = 1.0 / row["median_s"]
-                # on CPU each figure is a fresh process, so quick mode measures the training step only
-                if cfg.get("memory", True) and (pass_name == TRAIN or not quick or device.type == "cuda"):
-                    mb = _memory(name, provider, pass_name, batch, cfg["size"], device, call)
-                    if mb is not None:
-                        row["peak_mem_mb"] = mb
+                calls[pname] = call
+                first_s[pname] = row["first_call_s"] if not provider.compiled else None
             except Exception as exc:  # a provider that breaks is a row, never the end of the run
                 row.update(status="failed", note=_short(exc), median_s=None, min_s=None, max_s=None, repeats=0)
+        _time_group(group, calls, first_s, time_call, device, warmup, repeats, quick)
+        for row in group:
+            if row["status"] != "ok" or row["median_s"] is None:
+                continue
+            provider = dict(providers_for(name, device))[row["provider"]]
+            # on CPU each figure is a fresh process, so quick mode measures the training step only
+            if cfg.get("memory", True) and (pass_name == TRAIN or not quick or device.type == "cuda"):
+                try:
+                    mb = _memory(name, provider, pass_name, batch, cfg["size"], device, calls[row["provider"]])
+                except Exception as exc:
+                    row["note"] = f"peak memory not measured: {_short(exc)}"
+                    mb = None
+                if mb is not None:
+                    row["peak_mem_mb"] = mb
         _compare(group, outputs)
         rows += group
     return rows
+
+
+def _time_group(group, calls, first_s, time_call, device, warmup, repeats, quick):
+    """Time every provider of one pass and batch interleaved (one call of each per round: timing.time_interleaved),
+    so that the machine's drift falls on all of them alike; in quick CPU runs the rounds are capped so that the
+    slowest uncompiled provider stays near the row budget."""
+    if not calls:
+        return
+    budget = QUICK_ROW_BUDGET_S if quick and device.type == "cpu" else None
+    slowest = max([s for s in first_s.values() if s is not None] or [0.0])
+    reps = repeats_within(slowest, repeats, budget)
+    try:
+        stats = time_interleaved(time_call, device, calls, max(0, warmup - 1), reps)
+    except Exception as exc:
+        for row in group:
+            if row["provider"] in calls:
+                row.update(status="failed", note=_short(exc))
+        return
+    for row in group:
+        if row["provider"] not in stats:
+            continue
+        row.update(stats[row["provider"]])
+        row["images_per_s"] = row["shape"]["batch"] / row["median_s"]
+        if row["pass"] == TRAIN:
+            row["steps_per_s"] = 1.0 / row["median_s"]
 
 
 def _compare(group, outputs):

@@ -49,6 +49,21 @@ def _maybe_drop_path(p):
     return DropPath(p) if p > 0.0 else nn.Identity()
 
 
+def batch_norm_args(bn):
+    """The :class:`medkernels.ops.BatchNormArgs` with which ``bn`` (an ``nn.BatchNorm2d``) would normalise now:
+    batch statistics in training (or without running statistics), the momentum it would use, and, like its own
+    forward, one more batch counted in ``num_batches_tracked`` when it tracks statistics in training."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_stats = not bn.training or bn.track_running_stats
+    return _ops.BatchNormArgs(bn.weight, bn.bias, bn.running_mean if keep_stats else None,
+                              bn.running_var if keep_stats else None, use_batch_stats, momentum, bn.eps)
+
+
 class ChannelsFirstLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (batch, C, H, W) tensor (the official ``LayerNorm``
     with ``data_format="channels_first"``): biased variance, ``eps`` inside the square root.
@@ -106,7 +121,8 @@ class IRMLP(nn.Module):
 
     y = gelu(conv1(x)) + x; y = bn1(y); y = gelu(conv2(y)); out = conv3(y)
     with conv1 a dense 3x3 conv (no bias), conv2 a 1x1 conv to 4*in_dim (no bias) and conv3 a
-    1x1 conv to out_dim (no bias) followed by BatchNorm.
+    1x1 conv to out_dim (no bias) followed by BatchNorm. The chain runs as one op
+    (:func:`medkernels.ops.irmlp`); ``gelu`` is kept for the official module's structure.
 
     x: (batch, in_dim, H, W) -> (batch, out_dim, H, W).
     """
@@ -120,10 +136,10 @@ class IRMLP(nn.Module):
         self.bn1 = nn.BatchNorm2d(in_dim)
 
     def forward(self, x):
-        y = self.gelu(self.conv1(x)) + x
-        y = self.bn1(y)
-        y = self.gelu(self.conv2(y))
-        return self.conv3(y)
+        if x.dim() != 4 or x.shape[1] != self.conv1.in_dim:
+            raise ValueError(f"IRMLP expects (batch, {self.conv1.in_dim}, H, W) input, got shape {tuple(x.shape)}")
+        return _ops.irmlp(x, self.conv1.conv.weight, self.conv2.conv.weight, self.conv3.conv.weight,
+                          batch_norm_args(self.bn1), batch_norm_args(self.conv3.bn))
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,20 +458,6 @@ class HFFBlock(nn.Module):
         self.residual = IRMLP(ch_1 + ch_2 + ch_int, ch_out)
         self.drop_path = _maybe_drop_path(drop_rate)
 
-    def _spatial_bn_arguments(self, l):
-        """The spatial BatchNorm's (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps) as
-        nn.BatchNorm2d would use them in this mode (counting the batch when it tracks statistics)."""
-        bn = self.spatial.bn
-        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        keep_stats = not bn.training or bn.track_running_stats
-        return (bn.weight, bn.bias, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
-                use_batch_stats, momentum, bn.eps)
-
     def _check_inputs(self, l, g, f):
         for name, t, channels in (("l", l, self.W_l.in_dim), ("g", g, self.W_g.in_dim)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != channels:
@@ -485,7 +487,7 @@ class HFFBlock(nn.Module):
             shortcut = None
             x_f = self.gelu(self.W(self.norm2(torch.cat([w_local, w_global], dim=1))))
 
-        bn_weight, bn_bias, running_mean, running_var, training, momentum, bn_eps = self._spatial_bn_arguments(l)
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, bn_eps = batch_norm_args(self.spatial.bn)
         normed = _ops.hff_attention_tail(
             l, g, x_f, self.spatial.conv.weight, bn_weight, bn_bias, running_mean, running_var, training,
             self.se[0].weight, self.se[2].weight, self.norm3.weight, self.norm3.bias, momentum=momentum,

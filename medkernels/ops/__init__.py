@@ -4,6 +4,7 @@ from .depthwise_conv2d import depthwise_conv2d
 from .depthwise_conv2d_layernorm import depthwise_conv2d_layernorm
 from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .hff_attention_tail import hff_attention_tail
+from .irmlp import BatchNormArgs, irmlp
 from .selective_scan import selective_scan
 from .ss2d_scan import ss2d_scan
 
@@ -17,4 +18,6 @@ __all__ = [
     "hff_spatial_attention",
     "hff_channel_attention",
     "hff_attention_tail",
+    "irmlp",
+    "BatchNormArgs",
 ]

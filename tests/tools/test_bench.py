@@ -94,7 +94,11 @@ def test_ratios_are_the_measured_times_ratios(run):
 def test_rows_that_cannot_run_are_reported_not_dropped(run):
     rows = run["data"]["op_rows"] + run["data"]["model_rows"]
     compiled = [r for r in rows if r["provider"] == "ref-compiled"]
-    assert compiled and all(r["status"] == "skipped" and "--quick" in r["note"] for r in compiled)
+    assert compiled and all(r["status"] == "skipped" for r in compiled)
+    # MedMamba on CPU is never compiled (the ref scan is a Python loop); the other rows only in --full or
+    # at the goal batch
+    assert all(("Python loop" in r["note"]) if r.get("model", "").startswith("medmamba") else ("--quick" in r["note"])
+               for r in compiled)
     assert "ref-compiled" in run["stdout"] and "skipped" in run["stdout"]
 
 
