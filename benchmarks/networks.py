@@ -5,7 +5,8 @@ the pure-PyTorch ``ref`` backend), ``ref-compiled`` (``torch.compile`` of the mo
 ops stay opaque custom ops inside the compiled graph, compile time is the row's ``first_call_s``), and for
 MedMamba-T ``mambapy`` (CPU: the official SS2D formulation around mambapy's parallel scan) and ``official``
 (GPU: the official SS2D formulation around mamba_ssm's ``selective_scan_fn``, when installed).
-A training step is forward, cross-entropy, backward and an AdamW step. The providers of one pass and batch are
+A training step is forward, cross-entropy, backward and an AdamW step (``fused=True`` for every provider: on a CPU
+PyTorch's default per-parameter loop took 385 ms a step for HiFuse-T's 120M parameters, the fused one 79 ms). The providers of one pass and batch are
 timed interleaved (one call of each per round), after each one's first call.
 
 Mixed precision: ``medkernels`` and ``ref`` also run under bfloat16 autocast (``<provider> bf16-autocast``: the
@@ -184,7 +185,7 @@ def _make_call(model, provider, pass_name, batch, size, device):
             with provider, torch.no_grad(), provider.autocast(device):
                 return run(x), []
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def call():
             with provider:

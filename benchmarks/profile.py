@@ -125,7 +125,7 @@ def profile_network(name, pass_name, batch, size=224, device="cpu", repeats=3, b
     unhooked step time and the top ATen operators of one more step."""
     model = build_model(name, device)
     model.train(pass_name == TRAIN)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if pass_name == TRAIN else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if pass_name == TRAIN else None
     x, y = batch_inputs(batch, size, device)
 
     def step():

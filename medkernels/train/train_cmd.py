@@ -95,7 +95,9 @@ def _train(args, dist):
         ck.check_same_run(resume, resume_path, args.model, classes)
     model, net = _model(args, classes, dist, device, resume)
     train_loader, val_loader, sampler = _loaders(args, train_set, val_set, dist, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel for all parameters (on a 2-core CPU 79 ms a step for HiFuse-T instead of the default
+    # loop's 385 ms; benchmarks/NOTES.md)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     steps = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(args.warmup_epochs * steps), args.epochs * steps))
