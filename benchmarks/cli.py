@@ -86,10 +86,11 @@ def _notes(device, quick):
 
     cfg = config(device, quick)
     notes = [f"networks: inference at {cfg['size']}x{cfg['size']}, batch {' and '.join(map(str, cfg['infer_batches']))}; "
-             f"training step (forward, cross-entropy, backward, AdamW) at batch {cfg['train_batch']}"]
+             f"training step (forward, cross-entropy, backward, fused AdamW) at batch {cfg['train_batch']}; "
+             "providers interleaved"]
     if quick and torch.device(device).type == "cpu":
-        notes.append("--quick on CPU: ops at MedMamba-T stages 1 and 4 only, training batch reduced, torch.compile "
-                     "rows skipped (run --full for all of them)")
+        notes.append("--quick on CPU: ops at MedMamba-T stages 1 and 4 only; torch.compile only for HiFuse-T's "
+                     "inference at batch 8, training at batch 4 (run --full for the rest)")
     return notes
 
 

@@ -228,7 +228,7 @@ def markdown_report(data, source=None):
 
 # the providers that are medkernels' own kernels (every other op provider is a baseline)
 KERNEL_PROVIDERS = ("cpu", "cuda", "triton")
-SUMMARY_MAX_ROWS = 12
+SUMMARY_MAX_ROWS = 14
 
 
 def main_provider(data):
@@ -318,6 +318,11 @@ def summary_table(data):
         lines.append([f"**{name}**", pass_name, f"batch {batch}" + (f", {size}x{size}" if size else ""),
                       cell(mk, "medkernels"), cell(base, base_name) if base_name else "-",
                       f"**{base['median_s'] / mk['median_s']:.2f}x**" if ok else "-"])
+        for other in ("ref-compiled", "mambapy"):  # the other baselines a user could run instead
+            row = rows.get(other)
+            if other != base_name and row is not None and row["status"] == "ok" and mk is not None and mk["status"] == "ok":
+                lines.append([f"**{name}**", pass_name, f"batch {batch}" + (f", {size}x{size}" if size else ""),
+                              cell(mk, "medkernels"), cell(row, other), f"**{row['median_s'] / mk['median_s']:.2f}x**"])
     for h in op_headlines(data):
         spread = f" ({h['min']:.2f}x-{h['max']:.2f}x)" if h["n"] > 1 else ""
         lines.append([f"`{h['name']}`", h["pass"], h["what"], h["provider"], h["baseline"],
