@@ -226,7 +226,7 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
     plans = [(INFERENCE, b) for b in cfg["infer_batches"]] + [(TRAIN, cfg["train_batch"])]
     rows = []
     for pass_name, batch in plans:
-        group, outputs, calls, first_s = [], {}, {}, {}
+        group, outputs, calls, first_s, runnable = [], {}, {}, {}, {}
         for pname, provider in providers_for(name, device):
             row = _row(name, pass_name, pname, batch, cfg["size"])
             row["precision"] = provider.precision if not isinstance(provider, str) else FLOAT32
@@ -248,7 +248,7 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
                 first = {}
                 row["first_call_s"] = timed_first_call(lambda: first.setdefault("out", call()), device)
                 outputs[pname] = first["out"]
-                calls[pname] = call
+                calls[pname], runnable[pname] = call, provider
                 first_s[pname] = row["first_call_s"] if not provider.compiled else None
             except Exception as exc:  # a provider that breaks is a row, never the end of the run
                 row.update(status="failed", note=_short(exc), median_s=None, min_s=None, max_s=None, repeats=0)
@@ -256,7 +256,7 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
         for row in group:
             if row["status"] != "ok" or row["median_s"] is None:
                 continue
-            provider = dict(providers_for(name, device))[row["provider"]]
+            provider = runnable[row["provider"]]
             # on CPU each figure is a fresh process, so quick mode measures the training step only
             if cfg.get("memory", True) and (pass_name == TRAIN or not quick or device.type == "cuda"):
                 try:

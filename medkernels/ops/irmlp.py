@@ -42,8 +42,7 @@ def _check_bn(bn, name, channels, x):
         check_tensor(t, f"{name}.{field}", ndim=1, optional=True)
         if t is not None and t.shape[0] != channels:
             raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}.{field} is on {t.device}, x on {x.device}: all tensors must be on one device")
+        check_same_device(x=x, **{f"{name}.{field}": t})
     if (bn.running_mean is None) != (bn.running_var is None):
         raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
     if not bn.training and bn.running_mean is None:

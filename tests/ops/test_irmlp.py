@@ -42,7 +42,7 @@ def _require(backend):
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
 
 
-def make_inputs(case, dtype, layout="nchw", seed=0):
+def make_inputs(case, seed=0):
     """{x, w1, w2, w3, bn1, bn3 tensors} in float64 (the values every dtype is rounded from)."""
     b, c, h, w, k = case
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +107,7 @@ STAT_NAMES = ["bn1.running_mean", "bn3.running_mean", "bn1.running_var", "bn3.ru
 def test_irmlp_matches_float64(backend, case, training, layout, dtype_case):
     _require(backend)
     dtype, out_tol, grad_tol = dtype_case
-    t = make_inputs(case, dtype)
+    t = make_inputs(case)
     with medkernels.use_backend(backend):
         out, grads, stats = run(irmlp, t, dtype, training, layout)
     want_out, want_grads, want_stats = expected(t, dtype, training)
@@ -125,7 +125,7 @@ def test_irmlp_matches_float64(backend, case, training, layout, dtype_case):
 def test_irmlp_inference_without_autograd_matches():
     """Under no_grad the cpu backend fuses the expansion's GELU into the matrix product (oneDNN); eval mode."""
     _require("cpu")
-    t = make_inputs((2, 12, 9, 9, 3), torch.float32)
+    t = make_inputs((2, 12, 9, 9, 3))
     args = [t["x"].float(), t["w1"].float(), t["w2"].float(), t["w3"].float()]
     bns = [BatchNormArgs(*(v.float() for v in t[n]), False) for n in ("bn1", "bn3")]
     with torch.no_grad(), medkernels.use_backend("cpu"):
@@ -151,7 +151,7 @@ def test_irmlp_half_precision_as_accurate_as_the_reference(case, training, mode)
     every convolution, in a different order on each backend)."""
     _require("cpu")
     eps = torch.finfo(torch.bfloat16).eps
-    t = make_inputs(case, torch.float32)
+    t = make_inputs(case)
     dtype, autocast = (torch.bfloat16, None) if mode == "bfloat16" else (torch.float32, torch.bfloat16)
     results = {}
     for backend in ("ref", "cpu"):
@@ -183,7 +183,7 @@ def test_im2col_threshold_separates_the_cases():
 
 
 def _valid():
-    t = make_inputs((2, 12, 5, 5, 3), torch.float32)
+    t = make_inputs((2, 12, 5, 5, 3))
     bn1 = BatchNormArgs(*(v.float() for v in t["bn1"]), True)
     bn3 = BatchNormArgs(*(v.float() for v in t["bn3"]), True)
     return [t["x"].float(), t["w1"].float(), t["w2"].float(), t["w3"].float(), bn1, bn3]
@@ -199,6 +199,8 @@ BAD = [
     pytest.param(3, torch.zeros(4, 47, 1, 1), ValueError, "conv3_weight", id="conv3-in"),
     pytest.param(4, (None, None, None, None, True), TypeError, "bn1", id="bn1-tuple"),
     pytest.param(4, BatchNormArgs(torch.ones(11), None, None, None, True), ValueError, "bn1.weight", id="bn1-width"),
+    pytest.param(4, BatchNormArgs(torch.ones(12, device="meta"), None, None, None, True), ValueError, "bn1.weight",
+                 id="bn1-device"),
     pytest.param(5, BatchNormArgs(None, None, torch.zeros(4), None, True), ValueError, "bn3", id="bn3-half-stats"),
     pytest.param(5, BatchNormArgs(None, None, None, None, False), ValueError, "bn3", id="bn3-eval-no-stats"),
     pytest.param(5, BatchNormArgs(None, None, None, None, True, 0.1, 0.0), ValueError, "bn3.eps", id="bn3-eps"),
