@@ -198,9 +198,14 @@ class SS2D(nn.Module):
         """
         b, d, h, w = x.shape
         k, length = self.K, h * w
-        x_dbl = torch.einsum("bdl,kcd->bkcl", x.reshape(b, d, length), self.x_proj_weight)
+        # Both projections as products in pixel order: (K * (R + 2N), d) @ (d, L) per image writes x_dbl as
+        # (b, K, R + 2N, L) and (K, d, R) @ (R, L) per image and direction writes dts as (b, K, d, L), the
+        # layouts the scan reads. The einsums of the official code run the same sums as one batched product
+        # over (b * L) rows followed by a permuting copy, which took 2-8x longer here (benchmarks/NOTES.md).
+        c = self.dt_rank + 2 * self.d_state
+        x_dbl = torch.matmul(self.x_proj_weight.reshape(k * c, d), x.reshape(b, d, length)).view(b, k, c, length)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # bias goes to the scan (delta_bias)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # bias goes to the scan (delta_bias)
         # the activations go to the scan in their own dtype (x's, or the autocast dtype), which computes in
         # float32 from them and answers in that dtype; the official code casts them to float32 first, which
         # changes no value but makes the float32 output refuse a LayerNorm with bfloat16 weights
