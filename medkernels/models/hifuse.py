@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from medkernels.nn.depthwise import DepthwiseConv2d
+from medkernels.nn.linear import Linear
 from medkernels.nn.hifuse import (
     BasicLayer,
     ChannelsFirstLayerNorm,
@@ -66,7 +67,7 @@ class HiFuse(nn.Module):
             start += conv_depths[i]
 
         self.conv_norm = nn.LayerNorm(conv_dims[-1], eps=1e-6)
-        self.conv_head = nn.Linear(conv_dims[-1], num_classes)
+        self.conv_head = Linear(conv_dims[-1], num_classes)
         # (as officially, this scaling is overwritten by the weight init below)
         self.conv_head.weight.data.mul_(conv_head_init_scale)
         self.conv_head.bias.data.mul_(conv_head_init_scale)
@@ -93,7 +94,7 @@ class HiFuse(nn.Module):
             setattr(self, f"layers{i + 1}", layer)
         # kept for checkpoint compatibility; not used in forward (as in the official code)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
 

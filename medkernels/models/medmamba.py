@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from medkernels.nn.depthwise import DepthwiseConv2d
+from medkernels.nn.linear import Linear
 from medkernels.nn.ss2d import PatchEmbed2D, PatchMerging2D, VSSLayer, check_feature_map
 
 __all__ = ["MedMamba", "medmamba_t", "medmamba_s", "medmamba_b"]
@@ -81,7 +82,7 @@ class MedMamba(nn.Module):
             )
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from medkernels import ops as _ops
 
 from .depthwise import DepthwiseConv2d
+from .linear import Linear
 from .drop_path import DropPath
 
 __all__ = [
@@ -196,9 +197,9 @@ class WindowAttention(nn.Module):
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         self.register_buffer("relative_position_index", _relative_position_index(wh, ww))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
@@ -244,7 +245,7 @@ class GlobalBlock(nn.Module):
                                     proj_drop=drop)
         self.drop_path = _maybe_drop_path(drop_path)
         self.norm2 = nn.LayerNorm(dim)  # unused by the official forward pass
-        self.fc1 = nn.Linear(dim, dim)
+        self.fc1 = Linear(dim, dim)
         self.act = nn.GELU()
 
     def forward(self, x, H, W, attn_mask=None):
@@ -313,7 +314,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         half = dim // 2
         self.dim = half
-        self.reduction = nn.Linear(4 * half, 2 * half, bias=False)
+        self.reduction = Linear(4 * half, 2 * half, bias=False)
         self.norm = nn.LayerNorm(4 * half)
 
     def forward(self, x, H, W):
@@ -400,7 +401,7 @@ class LocalBlock(nn.Module):
         super().__init__()
         self.dwconv = DepthwiseConv2d(dim, 3, bias=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv = nn.Linear(dim, dim)
+        self.pwconv = Linear(dim, dim)
         self.act = nn.GELU()
         self.drop_path = _maybe_drop_path(drop_path)
 

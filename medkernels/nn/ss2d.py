@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 
 from medkernels import ops
 from .depthwise import DepthwiseConv2d
+from .linear import Linear
 from .drop_path import DropPath
 
 __all__ = [
@@ -94,7 +95,7 @@ class PatchMerging2D(nn.Module):
     def __init__(self, dim, norm_layer=nn.LayerNorm):
         super().__init__()
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
     def forward(self, x):
@@ -179,13 +180,13 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(k * d_inner, device=device))  # kept in float32
         self.Ds._no_weight_decay = True
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias, **factory)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=bias, **factory)
         # depthwise conv with the SiLU fused; keys conv2d.weight (d_inner, 1, d_conv, d_conv), conv2d.bias
         self.conv2d = DepthwiseConv2d(
             d_inner, d_conv, padding=(d_conv - 1) // 2, bias=conv_bias, activation="silu", **factory
         )
         self.out_norm = nn.LayerNorm(d_inner, **factory)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
+        self.out_proj = Linear(d_inner, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from .depthwise_conv2d_layernorm import depthwise_conv2d_layernorm
 from .hff_attention import hff_channel_attention, hff_spatial_attention
 from .hff_attention_tail import hff_attention_tail
 from .irmlp import BatchNormArgs, irmlp
+from .linear import linear
 from .selective_scan import selective_scan
 from .ss2d_scan import ss2d_scan
 
@@ -20,4 +21,5 @@ __all__ = [
     "hff_attention_tail",
     "irmlp",
     "BatchNormArgs",
+    "linear",
 ]
