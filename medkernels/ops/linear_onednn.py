@@ -3,8 +3,9 @@
 
 PyTorch sends a float32 ``F.linear`` on a CPU to MKL, which on AMD processors runs its AVX2 code: on a Zen 5
 EPYC oneDNN's AVX-512 kernels are 2.0-2.7x faster at HiFuse's and MedMamba's shapes (benchmarks/NOTES.md,
-issue 20). Backward: the input gradient is the same oneDNN product with the transposed weight; the weight
-gradient stays on ATen's ``mm``, which reads the transposed operands in place (oneDNN would need two copies
+issue 20). Backward: the input gradient is the same oneDNN product with the transposed weight (on 1024 rows or
+more; below that the weight's transposing copy costs more than the product saves); the weight gradient
+stays on ATen's ``mm``, which reads the transposed operands in place (oneDNN would need two copies
 and was 1.4-2.8x slower with them). Every other case (other dtypes, which ATen already hands to oneDNN;
 autocast; empty operands; a PyTorch without oneDNN) is ``F.linear`` itself.
 """
@@ -15,6 +16,10 @@ from torch.autograd.function import once_differentiable
 
 # read once: torch.compile refuses to trace torch.backends.mkldnn.is_available
 _ONEDNN = torch.backends.mkldnn.is_available()
+# The input gradient goes through oneDNN from this many rows on. Transposing the weight for it took about
+# 2 ns an element here, and the faster product saves about 6 ps an element per row: HiFuse's stage-4 IRMLP
+# (196 rows, weights of 21M-48M elements) lost 50 ms a step to the copies (benchmarks/NOTES.md).
+ONEDNN_DX_MIN_ROWS = 1024
 
 
 def onednn_usable(x, weight, bias=None):
@@ -45,7 +50,9 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, weight.shape[0])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = onednn_rows(g, weight.t()).view(ctx.x_shape)
+            # oneDNN needs the weight transposed into a copy, which costs more than it saves on few rows
+            gx = onednn_rows(g, weight.t()) if g.shape[0] >= ONEDNN_DX_MIN_ROWS else torch.mm(g, weight)
+            gx = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             gw = torch.mm(g.t(), rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:

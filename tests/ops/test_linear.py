@@ -10,6 +10,7 @@ from torch import nn
 import medkernels
 from medkernels.nn import Linear
 from medkernels.ops import linear
+from medkernels.ops.linear_onednn import ONEDNN_DX_MIN_ROWS
 
 from helpers.hff_utils import assert_close_scaled
 
@@ -20,10 +21,12 @@ CASES = [
     pytest.param(((1, 33), 1, False), id="one-row-one-out-no-bias"),
     pytest.param(((17,), 9, True), id="vector"),
     pytest.param(((3, 4, 5, 70), 31, False), id="4d-no-bias"),
+    # enough rows for the cpu backend's input gradient to go through oneDNN too
+    pytest.param(((ONEDNN_DX_MIN_ROWS + 3, 24), 10, True), id="rows-over-onednn-dx-threshold"),
 ]
 LAYOUTS = ["contiguous", "transposed", "sliced"]
 # (dtype, output tolerance, gradient tolerance) relative to the largest expected magnitude: sums of up to 96
-# products (output, input gradient) and of up to 196 rows (weight and bias gradients)
+# products (output, input gradient) and of up to 1027 rows (weight and bias gradients)
 FLOAT_CASES = [
     pytest.param((torch.float64, 1e-13, 1e-12), id="float64"),
     pytest.param((torch.float32, 2e-6, 4e-6), id="float32"),
