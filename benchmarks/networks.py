@@ -287,8 +287,8 @@ def _time_group(group, calls, first_s, time_call, device, warmup, repeats, quick
         subset = {p: c for p, c in calls.items() if precision[p] == kind}
         slowest = max([first_s[p] for p in subset if first_s[p] is not None] or [0.0])
         reps = repeats_within(slowest, repeats, budget)
-        if kind == FLOAT32:  # the goal comparisons: at least three rounds even past the quick budget
-            reps = max(reps, min(3, repeats))
+        if kind == FLOAT32:  # the goal comparisons: every round asked for (--repeats), even past the quick budget
+            reps = repeats
         try:
             stats.update(time_interleaved(time_call, device, subset, max(0, warmup - 1), reps))
         except Exception as exc:
