@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from medkernels.nn.depthwise import DepthwiseConv2d
-from medkernels.nn.linear import Linear
 from medkernels.nn.hifuse import (
     BasicLayer,
     ChannelsFirstLayerNorm,
@@ -22,6 +21,7 @@ from medkernels.nn.hifuse import (
     LocalBlock,
     PatchEmbed,
 )
+from medkernels.nn.linear import Linear
 
 __all__ = ["HiFuse", "hifuse_tiny", "hifuse_small", "hifuse_base"]
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from medkernels import ops as _ops
 
 from .depthwise import DepthwiseConv2d
-from .linear import Linear
 from .drop_path import DropPath
+from .linear import Linear
 
 __all__ = [
     "ChannelsFirstLayerNorm",

@@ -19,8 +19,8 @@ import torch.utils.checkpoint
 
 from medkernels import ops
 from .depthwise import DepthwiseConv2d
-from .linear import Linear
 from .drop_path import DropPath
+from .linear import Linear
 
 __all__ = [
     "channel_shuffle",

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 
 from torch.autograd.function import once_differentiable
 
-from .linear_onednn import linear_onednn as _linear, onednn_rows
+from .linear_onednn import HAS_ONEDNN, linear_onednn as _linear, onednn_rows
 
 # Maps of at most this many pixels take the im2col path for the 3x3 convolution.
 IM2COL_MAX_PIXELS = 64
-_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def _conv_rows(x, weight):
@@ -116,7 +115,7 @@ def _fused_gelu_linear(rows, weight, bias):
     """gelu(rows @ weight.T + bias) as one oneDNN call where it can run (no autograd, no autocast, one dtype),
     else as F.linear and F.gelu."""
     plain = not torch.is_grad_enabled() or not (rows.requires_grad or weight.requires_grad)
-    if (plain and _ONEDNN and not torch.is_autocast_enabled("cpu")
+    if (plain and HAS_ONEDNN and not torch.is_autocast_enabled("cpu")
             and rows.dtype in (torch.float32, torch.bfloat16) and weight.dtype == rows.dtype
             and (bias is None or bias.dtype == rows.dtype)):
         return onednn_rows(rows, weight, bias, "gelu")

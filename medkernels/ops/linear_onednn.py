@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 # read once: torch.compile refuses to trace torch.backends.mkldnn.is_available
-_ONEDNN = torch.backends.mkldnn.is_available()
+HAS_ONEDNN = torch.backends.mkldnn.is_available()
 # The input gradient goes through oneDNN from this many rows on. Transposing the weight for it took about
 # 2 ns an element here, and the faster product saves about 6 ps an element per row: HiFuse's stage-4 IRMLP
 # (196 rows, weights of 21M-48M elements) lost 50 ms a step to the copies (benchmarks/NOTES.md).
@@ -24,7 +24,7 @@ ONEDNN_DX_MIN_ROWS = 1024
 
 def onednn_usable(x, weight, bias=None):
     """Whether a float32 product of these operands can run through oneDNN here and now."""
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.numel() > 0 and weight.numel() > 0
             and not torch.is_autocast_enabled("cpu"))
 
