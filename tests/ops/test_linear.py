@@ -10,7 +10,9 @@ from torch import nn
 import medkernels
 from medkernels.nn import Linear
 from medkernels.ops import linear
-from medkernels.ops.linear_onednn import ONEDNN_DX_MIN_ROWS
+import medkernels.ops.linear_onednn as linear_onednn
+from medkernels.ops.linear_onednn import (ONEDNN_DW_MIN_ROWS, ONEDNN_DW_NARROW_MAX_INPUT, ONEDNN_DW_NARROW_OUT,
+                                         ONEDNN_DX_MIN_ROWS)
 
 from helpers.hff_utils import assert_close_scaled
 
@@ -21,7 +23,9 @@ CASES = [
     pytest.param(((1, 33), 1, False), id="one-row-one-out-no-bias"),
     pytest.param(((17,), 9, True), id="vector"),
     pytest.param(((3, 4, 5, 70), 31, False), id="4d-no-bias"),
-    # enough rows for the cpu backend's input gradient to go through oneDNN too
+    # enough rows for the cpu backend's weight gradient to go through oneDNN's convolution weight gradient
+    pytest.param(((2, (ONEDNN_DW_MIN_ROWS + 9) // 2, 40), 56, True), id="rows-over-onednn-dw-threshold"),
+    # enough rows for the input gradient to go through oneDNN too
     pytest.param(((ONEDNN_DX_MIN_ROWS + 3, 24), 10, True), id="rows-over-onednn-dx-threshold"),
 ]
 LAYOUTS = ["contiguous", "transposed", "sliced"]
@@ -103,6 +107,38 @@ def test_cpu_backend_runs_onednn_for_float32():
     with medkernels.use_backend("cpu"):
         out = linear(x, w.float(), b.float())
     assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+
+
+# (rows, in_features, out_features, whether the weight gradient is oneDNN's convolution weight gradient)
+DW_PATHS = [
+    pytest.param((ONEDNN_DW_MIN_ROWS - 1, 19, 23, False), id="rows-below"),
+    pytest.param((ONEDNN_DW_MIN_ROWS, 19, 23, True), id="rows-at"),
+    pytest.param((ONEDNN_DW_MIN_ROWS, ONEDNN_DW_NARROW_MAX_INPUT // ONEDNN_DW_MIN_ROWS + 1, 23, False),
+                 id="narrow-out-large-input"),
+    pytest.param((ONEDNN_DW_MIN_ROWS, ONEDNN_DW_NARROW_MAX_INPUT // ONEDNN_DW_MIN_ROWS + 1, ONEDNN_DW_NARROW_OUT,
+                  True), id="wide-out-large-input"),
+]
+
+
+@pytest.mark.parametrize("path", DW_PATHS)
+def test_cpu_weight_gradient_path_follows_its_rule(monkeypatch, path):
+    """The weight gradient takes the convolution path exactly where the rule says, and agrees with the float64
+    product either way; the output gradient arrives non-contiguous here (a transposed cotangent)."""
+    _require("cpu")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    rows, k, n, by_conv = path
+    calls = []
+    real = linear_onednn.onednn_weight_grad
+    monkeypatch.setattr(linear_onednn, "onednn_weight_grad", lambda g, r: calls.append(1) or real(g, r))
+    x, w, b, _ = make_inputs(((rows, k), n, True))
+    cot = torch.randn(n, rows, dtype=torch.float64).t()
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
+    with medkernels.use_backend("cpu"):
+        out = linear(x32, w32, b.float())
+    out.backward(cot.float())
+    assert len(calls) == int(by_conv)
+    assert_close_scaled(w32.grad, cot.t() @ x.float().double(), 4e-6, "dweight")
 
 
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
