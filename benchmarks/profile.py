@@ -2,20 +2,22 @@
 
 Each module of the network (Local block, Global block's window attention and MLP, the HFF parts, IRMLP, SS2D,
 its projections, ...) gets its *self* time: the wall time while it was the innermost running module, forward
-and backward apart, summed over its calls and grouped by the module's class. Forward times come from forward
-pre/post hooks. Backward times come from tensor hooks: a module's backward starts when the gradient of its
-output arrives and ends when the gradient of its input is complete; between events, the time goes to the
-innermost module whose backward is running (a residual input's gradient completes only after both branches,
-so the outer block keeps what its branches do not claim). The hooks add a few microseconds a module call; the
-profile reports the unhooked step time beside the hooked one.
+and backward apart, summed over its calls and grouped by the module's class and by its part of the network.
+Forward times come from forward pre/post hooks. Backward times come from hooks on the autograd nodes: each node's
+run goes to the module that was innermost when the forward created the node, and a parameter's gradient
+accumulation to the module owning the parameter; the autograd engine's time between nodes, the loss and the
+optimizer step are outside every module. The hooks add a few microseconds a module call and a node; the profile
+reports the unhooked step time beside the hooked one.
 
 The rows also name the top ATen operators of one hooked forward (torch.profiler), so a block's time can be
 traced to convolutions, GEMMs or copies. Writes ``benchmarks/results/<device>-profile.json`` and ``.md``.
 """
 import argparse
+import bisect
 import contextlib
 import json
 import os
+import re
 import time
 from collections import defaultdict
 
@@ -32,59 +34,87 @@ PASSES = {"inference": INFERENCE, "train": TRAIN}
 
 
 class _Timeline:
-    """Hook events on one clock; each interval goes to the innermost open module of its phase."""
+    """Forward: hook events on one clock, each interval to the innermost running module. Backward: each autograd
+    node's run goes to the module that was innermost when the forward created it (found by the node's sequence
+    number), and each parameter's gradient accumulation to the module that owns the parameter."""
 
     def __init__(self, model):
-        self.names = {m: type(m).__name__ for m in model.modules()}
-        self.depth = {m: name.count(".") + 1 if name else 0 for name, m in model.named_modules()}
-        self.self_s = {"forward": defaultdict(float), "backward": defaultdict(float)}
-        self.calls = defaultdict(int)
+        self.root = model
+        self.names = {m: name for name, m in model.named_modules()}
+        self.self_s = {"forward": defaultdict(float), "backward": defaultdict(float)}  # by module
+        self.calls = defaultdict(int)  # by module
         self.stack = []  # forward: the running modules, innermost last
-        self.active = []  # backward: the modules whose backward is running; the deepest one is innermost
         self.last = None
+        self.owner_starts, self.owners = [], []  # sequence numbers from which each module owns new nodes
+        self.param_owner = {}
+        self.node_start = {}
         self.handles = []
+        self._probe = torch.zeros((), requires_grad=True)
         for module in model.modules():
             self.handles.append(module.register_forward_pre_hook(self._pre))
             self.handles.append(module.register_forward_hook(self._post))
+            for param in module.parameters(recurse=False):
+                self.param_owner[param] = module
 
-    def _tick(self, phase):
+    def reset(self):
+        self.stack, self.last, self.owner_starts, self.owners, self.node_start = [], None, [], [], {}
+
+    def _tick(self):
         now = time.perf_counter()
-        if phase == "forward":
-            inner = self.stack[-1] if self.stack else None
-        else:  # a block and its last layer receive their output gradient at once: depth, not arrival, decides
-            inner = max(self.active, key=self.depth.get) if self.active else None
-        if inner is not None and self.last is not None:
-            self.self_s[phase][self.names[inner]] += now - self.last
+        if self.stack and self.last is not None:
+            self.self_s["forward"][self.stack[-1]] += now - self.last
         self.last = now
 
-    def _pre(self, module, inputs):
-        self._tick("forward")
-        self.stack.append(module)
-        self.calls[self.names[module]] += 1
+    def _own_nodes_from_now(self):
+        """Autograd nodes created from here on belong to the innermost running module (none: outside)."""
         if torch.is_grad_enabled():
-            for t in inputs:
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.register_hook(lambda grad, m=module: self._backward_end(m))
+            with torch.enable_grad():
+                seq = (self._probe * 1.0).grad_fn._sequence_nr() + 1
+            self.owner_starts.append(seq)
+            self.owners.append(self.stack[-1] if self.stack else None)
+
+    def _pre(self, module, inputs):
+        self._tick()
+        self.stack.append(module)
+        self.calls[module] += 1
+        self._own_nodes_from_now()
 
     def _post(self, module, inputs, output):
-        self._tick("forward")
+        self._tick()
         self.stack.pop()
-        outputs = output if isinstance(output, (tuple, list)) else (output,)
-        if torch.is_grad_enabled():
-            for t in outputs:
-                # a module that hands an input through (Identity, Dropout in eval) has no backward of its own
-                if isinstance(t, torch.Tensor) and t.requires_grad and not any(t is i for i in inputs):
-                    t.register_hook(lambda grad, m=module: self._backward_start(m))
+        self._own_nodes_from_now()
+        if module is self.root and torch.is_grad_enabled():
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            self._hook_graph([t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None])
 
-    def _backward_start(self, module):
-        self._tick("backward")
-        if module not in self.active:
-            self.active.append(module)
+    def _owner(self, node):
+        if type(node).__name__ == "AccumulateGrad":
+            return self.param_owner.get(node.variable)
+        i = bisect.bisect_right(self.owner_starts, node._sequence_nr()) - 1
+        return self.owners[i] if i >= 0 else None
 
-    def _backward_end(self, module):
-        self._tick("backward")
-        if module in self.active:
-            self.active.remove(module)
+    def _hook_graph(self, roots):
+        """Time every node of the network's autograd graph (hooks live as long as the graph)."""
+        seen, todo = set(), list(roots)
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            owner = self._owner(node)
+            if owner is not None:  # the hooks name the node by a number: holding the node would keep the graph
+                key = len(seen)
+                node.register_prehook(lambda _g, k=key: self._node_begins(k))
+                node.register_hook(lambda _gi, _go, k=key, m=owner: self._node_ends(k, m))
+            todo.extend(next_node for next_node, _ in node.next_functions)
+
+    def _node_begins(self, key):
+        self.node_start[key] = time.perf_counter()
+
+    def _node_ends(self, key, module):
+        start = self.node_start.pop(key, None)
+        if start is not None:
+            self.self_s["backward"][module] += time.perf_counter() - start
 
     def close(self):
         for h in self.handles:
@@ -100,24 +130,49 @@ def _step(model, optimizer, x, y, pass_name):
 
 
 def module_self_times(model, step, repeats):
-    """Run ``step()`` (which runs `model`) `repeats` times with the hooks on; returns (rows, hooked ms a step):
-    rows of {module class, calls a step, forward_ms, backward_ms} (self times, ms a step), largest first."""
+    """Run ``step()`` (which runs `model`) `repeats` times with the hooks on; returns (rows by module class, hooked
+    ms a step, rows by part): rows of {module class, calls a step, forward_ms, backward_ms} (self times, ms a
+    step), largest first; the rows by part also name the part (:func:`part_name`)."""
     timeline = _Timeline(model)
     try:
         start = time.perf_counter()
         for _ in range(repeats):
             step()
-            timeline.stack, timeline.active, timeline.last = [], [], None
+            timeline.reset()
         hooked_ms = (time.perf_counter() - start) / repeats * 1e3
     finally:
         timeline.close()
-    rows = []
-    for cls in set(timeline.self_s["forward"]) | set(timeline.self_s["backward"]) | set(timeline.calls):
-        rows.append({"module": cls, "calls": timeline.calls[cls] // repeats,
-                     "forward_ms": round(timeline.self_s["forward"][cls] / repeats * 1e3, 2),
-                     "backward_ms": round(timeline.self_s["backward"][cls] / repeats * 1e3, 2)})
+    seen = set(timeline.self_s["forward"]) | set(timeline.self_s["backward"]) | set(timeline.calls)
+    by_class = _grouped(seen, timeline, repeats, lambda m: type(m).__name__)
+    by_part = _grouped(seen, timeline, repeats, lambda m: (part_name(timeline.names[m]), type(m).__name__))
+    for r in by_part:
+        r["part"], r["module"] = r.pop("module")
+    return by_class, hooked_ms, by_part
+
+
+def part_name(qualified_name):
+    """A module's place in the network with its stage and block indices collapsed: ``layers1.blocks.0.attn`` and
+    ``layers3.blocks.1.attn`` are both ``layers*.blocks.*.attn``; the network itself is ``(network)``."""
+    if not qualified_name:
+        return "(network)"
+    parts = qualified_name.split(".")
+    # the stage containers of both networks are numbered top-level children (fu1..fu4, layers1..layers4)
+    parts[0] = re.sub(r"(?<=[A-Za-z_])\d+$", "*", parts[0])
+    return ".".join("*" if p.isdigit() else p for p in parts)
+
+
+def _grouped(modules, timeline, repeats, key):
+    """Rows {module: key, calls, forward_ms, backward_ms} (ms a step) summed over the modules of each key."""
+    sums = defaultdict(lambda: [0, 0.0, 0.0])
+    for m in modules:
+        s = sums[key(m)]
+        s[0] += timeline.calls[m]
+        s[1] += timeline.self_s["forward"][m]
+        s[2] += timeline.self_s["backward"][m]
+    rows = [{"module": k, "calls": calls // repeats, "forward_ms": round(fwd / repeats * 1e3, 2),
+             "backward_ms": round(bwd / repeats * 1e3, 2)} for k, (calls, fwd, bwd) in sums.items()]
     rows.sort(key=lambda r: -(r["forward_ms"] + r["backward_ms"]))
-    return rows, hooked_ms
+    return rows
 
 
 def profile_network(name, pass_name, batch, size=224, device="cpu", repeats=3, backend="auto"):
@@ -137,7 +192,7 @@ def profile_network(name, pass_name, batch, size=224, device="cpu", repeats=3, b
         for _ in range(repeats):
             step()
         plain_ms = (time.perf_counter() - start) / repeats * 1e3
-        rows, hooked_ms = module_self_times(model, step, repeats)
+        rows, hooked_ms, parts = module_self_times(model, step, repeats)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step()
     ops = [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2)}
@@ -145,7 +200,7 @@ def profile_network(name, pass_name, batch, size=224, device="cpu", repeats=3, b
     outside_ms = hooked_ms - sum(r["forward_ms"] + r["backward_ms"] for r in rows)
     return {"network": name, "pass": pass_name, "batch": batch, "size": size, "backend": backend,
             "step_ms": round(plain_ms, 1), "hooked_step_ms": round(hooked_ms, 1),
-            "outside_modules_ms": round(outside_ms, 1), "modules": rows, "aten_ops": ops}
+            "outside_modules_ms": round(outside_ms, 1), "modules": rows, "parts": parts, "aten_ops": ops}
 
 
 def markdown(run):
@@ -158,7 +213,15 @@ def markdown(run):
                   "", f"Step: {p['step_ms']} ms unhooked, {p['hooked_step_ms']} ms with the hooks, of which "
                   f"{p['outside_modules_ms']} ms outside every module (the loss, the optimizer step, autograd's own "
                   "work before the first module's backward).", "",
-                  "| module | calls | forward ms | backward ms | share |", "|---|---:|---:|---:|---:|"]
+                  "By part of the network (stage and block indices collapsed to `*`; parts under 0.5% left out):", "",
+                  "| part | module | calls | forward ms | backward ms | share |", "|---|---|---:|---:|---:|---:|"]
+        for r in p.get("parts", []):
+            share = (r["forward_ms"] + r["backward_ms"]) / total
+            if share >= 0.005:
+                lines.append(f"| `{r['part']}` | {r['module']} | {r['calls']} | {r['forward_ms']} | "
+                             f"{r['backward_ms']} | {share:.1%} |")
+        lines += ["", "By module class:", "", "| module | calls | forward ms | backward ms | share |",
+                  "|---|---:|---:|---:|---:|"]
         for r in p["modules"]:
             share = (r["forward_ms"] + r["backward_ms"]) / total
             if share >= 0.005:

@@ -122,6 +122,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "HFF fusion tail (gates, concatenation, channels-first LayerNorm) forward on CPU: -> [out, mean, rstd].");
   m.def("hff_fused_tail_bwd_cpu", &medkernels::hff_fused_tail_bwd_cpu, ReleaseGil(),
         "HFF fusion tail backward on CPU: -> [dl, dg, dx_f, dspatial_gate, dchannel_gate, dln_weight, dln_bias].");
+  m.def("winograd_input_transform_cpu", &medkernels::winograd_input_transform_cpu, pybind11::arg("x"),
+        pybind11::arg("t0"), pybind11::arg("t1"), pybind11::arg("out"), ReleaseGil(),
+        "Winograd F(4x4, 3x3) input transform on CPU: channels-last x (B, H, W, C) into out (36, t1 - t0, C) for "
+        "the tiles [t0, t1) (csrc/ops.h).");
+  m.def("winograd_grad_output_transform_cpu", &medkernels::winograd_grad_output_transform_cpu, pybind11::arg("dy"),
+        pybind11::arg("t0"), pybind11::arg("t1"), pybind11::arg("out"), ReleaseGil(),
+        "Winograd F(4x4, 3x3) output-gradient transform on CPU: dy (B, H, W, C) into out (36, t1 - t0, C).");
+  m.def("winograd_output_transform_cpu", &medkernels::winograd_output_transform_cpu, pybind11::arg("m"),
+        pybind11::arg("y"), pybind11::arg("t0"), pybind11::arg("c0"), ReleaseGil(),
+        "Winograd F(4x4, 3x3) output transform on CPU: the 36 tile products m[e] (tiles, Cc) into y[..., c0:c0+Cc].");
+  m.def("winograd_filter_transform_cpu", &medkernels::winograd_filter_transform_cpu, pybind11::arg("w"),
+        pybind11::arg("flip_transpose"), pybind11::arg("r0"), pybind11::arg("r1"), pybind11::arg("out"), ReleaseGil(),
+        "Winograd F(4x4, 3x3) filter transform on CPU: w (out, in, 3, 3) into out (36, r1 - r0, in), or flipped "
+        "and transposed into out (36, r1 - r0, out).");
+  m.def("winograd_filter_grad_transform_cpu", &medkernels::winograd_filter_grad_transform_cpu, pybind11::arg("m"),
+        pybind11::arg("dw"), pybind11::arg("o0"), ReleaseGil(),
+        "Winograd F(4x4, 3x3) filter-gradient transform on CPU: m (36, Cc, in) into dw[o0:o0+Cc] (out, in, 3, 3).");
 #ifdef MEDKERNELS_WITH_CUDA
   m.def("selective_scan_fwd_cuda", &medkernels::selective_scan_fwd_cuda, ReleaseGil(),
         "Selective scan forward on CUDA: -> [out, last_state].");

@@ -128,6 +128,24 @@ std::vector<at::Tensor> hff_fused_tail_fwd_cpu(MEDKERNELS_HFF_TAIL_ARGS, double 
 std::vector<at::Tensor> hff_fused_tail_bwd_cpu(const at::Tensor& dout, MEDKERNELS_HFF_TAIL_ARGS,
                                                const at::Tensor& mean, const at::Tensor& rstd);
 
+// ---- 3x3 convolution: the transforms of Winograd F(4x4, 3x3) (csrc/conv3x3/winograd_f4x3.h) ----
+// float32 CPU tensors. Maps are contiguous channels-last (batch, H, W, C); tile t = (b * tiles_h + i) * tiles_w + j
+// covers the outputs [4i, 4i + 4) x [4j, 4j + 4), tiles_h = ceil(H / 4); a chunk of tiles [t0, t1) is transformed
+// into (36, t1 - t0, C), slice e holding value e of every tile's 6x6 transform. Each function writes into a
+// contiguous tensor the caller provides (a workspace), never allocating:
+//   input:       x -> (B^T d B) of the 6x6 input tiles (padding 1)                  into v (36, t1 - t0, C)
+//   grad_output: dy -> (A dy A^T) of the 4x4 gradient tiles                        into z (36, t1 - t0, C)
+//   output:      the 36 products m[e] (t1 - t0, Cc) -> A^T M A                      into y[..., c0 : c0 + Cc]
+//   filter:      w (out, in, 3, 3) -> G w G^T for out rows [r0, r1)                 into u (36, r1 - r0, in);
+//                with flip_transpose, of w rotated by 180 degrees for in rows [r0, r1) into u (36, r1 - r0, out)
+//   filter_grad: m (36, Cc, in) -> G^T m G                                           into dw[o0 : o0 + Cc]
+void winograd_input_transform_cpu(const at::Tensor& x, int64_t t0, int64_t t1, const at::Tensor& v);
+void winograd_grad_output_transform_cpu(const at::Tensor& dy, int64_t t0, int64_t t1, const at::Tensor& z);
+void winograd_output_transform_cpu(const std::vector<at::Tensor>& m, const at::Tensor& y, int64_t t0, int64_t c0);
+void winograd_filter_transform_cpu(const at::Tensor& w, bool flip_transpose, int64_t r0, int64_t r1,
+                                   const at::Tensor& u);
+void winograd_filter_grad_transform_cpu(const at::Tensor& m, const at::Tensor& dw, int64_t o0);
+
 #ifdef MEDKERNELS_WITH_CUDA
 std::vector<at::Tensor> selective_scan_fwd_cuda(MEDKERNELS_SELECTIVE_SCAN_FWD_ARGS);
 std::vector<at::Tensor> selective_scan_bwd_cuda(const at::Tensor& dout,

@@ -1,4 +1,5 @@
 """medkernels.ops: the differentiable ops, validated at the boundary and dispatched to one backend."""
+from .conv3x3 import conv3x3
 from .cross_scan import cross_merge, cross_scan
 from .depthwise_conv2d import depthwise_conv2d
 from .depthwise_conv2d_layernorm import depthwise_conv2d_layernorm
@@ -22,4 +23,5 @@ __all__ = [
     "irmlp",
     "BatchNormArgs",
     "linear",
+    "conv3x3",
 ]

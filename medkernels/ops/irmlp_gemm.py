@@ -4,9 +4,11 @@ PyTorch's own kernels, no code of medkernels' C++ extension.
 * The 1x1 convolutions are matrix products over channels-last pixel rows (``F.linear``), which on a CPU run
   1.2-2.7x faster than ``F.conv2d`` on NCHW maps at HiFuse's shapes, forward and backward
   (benchmarks/NOTES.md, issue 20).
-* The 3x3 convolution runs on channels-last maps, except on maps of 64 pixels or fewer (HiFuse's last stage,
-  7 x 7 with thousands of channels), where an im2col matrix product beats oneDNN's direct convolution (1.65x
-  forward + backward at 2304 channels).
+* The 3x3 convolution is :func:`medkernels.ops.conv3x3` (Winograd F(4x4, 3x3) for float32: 4x fewer multiply-adds,
+  1.7-2.6x faster than oneDNN's direct convolution at HiFuse's stages 1-2, forward and backward), except on maps of
+  64 pixels or fewer (HiFuse's last stage, 7 x 7 with thousands of channels), where an im2col matrix product beats
+  oneDNN's direct convolution (1.65x forward + backward at 2304 channels); other kernel sizes run oneDNN's direct
+  convolution on channels-last maps.
 * In training the BatchNorms normalise the pixel rows with their own statistics (``_RowBatchNorm``): PyTorch's
   channels-last BatchNorm kernel accumulates its sums in a way that is 7-20x less accurate than its NCHW one in
   float32 (benchmarks/NOTES.md), which the gradients of HiFuse's attention BatchNorms amplify; the two-pass
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from torch.autograd.function import once_differentiable
 
+from .conv3x3 import conv3x3
 from .linear_onednn import HAS_ONEDNN, linear_onednn as _linear, onednn_rows
 
 # Maps of at most this many pixels take the im2col path for the 3x3 convolution.
@@ -40,6 +43,8 @@ def _conv_rows(x, weight):
         # one contiguous (batch * H*W, C*k*k) matrix: a strided batched product in bfloat16 takes a path 50x slower
         cols = F.unfold(x, k, padding=(k - 1) // 2).transpose(1, 2).reshape(b * h * w, -1)
         return _linear(cols, weight.reshape(weight.shape[0], -1)).view(b, h, w, -1)
+    if k == 3:  # Winograd on float32 (ops.conv3x3's cpu backend), the direct convolution otherwise
+        return conv3x3(x, weight).permute(0, 2, 3, 1)
     cl = torch.channels_last
     y = F.conv2d(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl), None, 1, (k - 1) // 2)
     return y.permute(0, 2, 3, 1)

@@ -50,7 +50,7 @@ def test_self_time_goes_to_the_innermost_module_forward_and_backward():
     def step():
         model(x).sum().backward()
 
-    rows, hooked_ms = profile.module_self_times(model, step, repeats=2)
+    rows, hooked_ms, _ = profile.module_self_times(model, step, repeats=2)
     by = {r["module"]: r for r in rows}
     nap_ms = NAP_S * 1e3
     assert by["Napper"]["calls"] == 1 and by["Block"]["calls"] == 1 and by["Identity"]["calls"] == 1
@@ -62,6 +62,44 @@ def test_self_time_goes_to_the_innermost_module_forward_and_backward():
     assert hooked_ms >= 2 * nap_ms
 
 
+class StemBesideNapper(nn.Module):
+    """A stem (a layer whose input needs no gradient) beside a Napper at the same depth. The stem runs second, so
+    its backward runs first; it must end with its weight gradient, or the Napper's backward is counted as the
+    stem's (the first of two equally deep open modules claims the time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.napper = Napper()
+
+    def forward(self, x, z):
+        napped = self.napper(z)
+        return self.stem(x).sum() + napped.sum()
+
+
+def test_a_stem_without_input_gradient_ends_its_backward_with_its_weight_gradient():
+    model = StemBesideNapper()
+    x = torch.randn(3, 4)  # no gradient: the stem never sees its input's gradient complete
+    z = torch.randn(3, 4, requires_grad=True)
+
+    def step():
+        model(x, z).backward()
+
+    rows, _, parts = profile.module_self_times(model, step, repeats=2)
+    by = {r["module"]: r for r in rows}
+    assert by["Napper"]["backward_ms"] >= NAP_S * 1e3, by
+    assert by["Linear"]["backward_ms"] < NAP_S * 1e3 / 2, by
+    assert {(r["part"], r["module"]) for r in parts} >= {("stem", "Linear"), ("napper", "Napper"),
+                                                         ("(network)", "StemBesideNapper")}
+
+
+def test_part_names_collapse_stage_and_block_indices():
+    assert profile.part_name("layers3.blocks.1.attn.qkv") == "layers*.blocks.*.attn.qkv"
+    assert profile.part_name("fu2.W3.conv") == "fu*.W3.conv"
+    assert profile.part_name("layers.0.blocks.1.self_attention") == "layers.*.blocks.*.self_attention"
+    assert profile.part_name("") == "(network)"
+
+
 def test_inference_has_no_backward_time():
     model = nn.Sequential(Napper(), nn.ReLU())
     x = torch.randn(2, 3)
@@ -70,7 +108,7 @@ def test_inference_has_no_backward_time():
         with torch.no_grad():
             model(x)
 
-    rows, _ = profile.module_self_times(model, step, repeats=1)
+    rows, _, _ = profile.module_self_times(model, step, repeats=1)
     assert all(r["backward_ms"] == 0 for r in rows)
     assert {r["module"]: r for r in rows}["Napper"]["forward_ms"] >= NAP_S * 1e3
 
@@ -88,3 +126,4 @@ def test_cli_writes_the_profile_of_a_network(tmp_path):
     assert any(r["backward_ms"] > 0 for r in run["profiles"][1]["modules"])
     md = (tmp_path / "p.md").read_text()
     assert "| SS2D |" in md and "train step" in md
+    assert "| `layers.*.blocks.*.self_attention` | SS2D |" in md
