@@ -37,7 +37,7 @@ FLOAT32, AUTOCAST, HALF_WEIGHTS = "float32", "bf16-autocast", "bf16-weights"
 # (on a small CPU, compiling a network takes minutes: the quick run compiles once, for the goal batch).
 CONFIG = {
     ("cpu", True): {"size": 224, "infer_batches": (1, 8), "train_batch": 4, "compile": (8,),
-                    "mambapy_inference": False},
+                    "mambapy_inference": (8,)},
     ("cpu", False): {"size": 224, "infer_batches": (1, 8), "train_batch": 8, "compile": True},
     ("cuda", True): {"size": 224, "infer_batches": (1, 32), "train_batch": 32, "compile": True},
     ("cuda", False): {"size": 224, "infer_batches": (1, 64), "train_batch": 64, "compile": True},
@@ -52,6 +52,12 @@ def _compiles(cfg, pass_name, batch):
     if isinstance(chosen, bool):
         return chosen
     return pass_name == INFERENCE and batch in tuple(chosen)
+
+
+def _mambapy_infers(cfg, batch):
+    """Whether the configuration times mambapy's inference at this batch (a bool, or the batches)."""
+    chosen = cfg.get("mambapy_inference", True)
+    return chosen if isinstance(chosen, bool) else batch in tuple(chosen)
 
 
 OVERRIDES = {}  # the CLI's --batches / --train-batch
@@ -234,8 +240,8 @@ def bench_model(name, device, time_call, warmup, repeats, quick=True, cfg=None, 
             reason = provider if isinstance(provider, str) else None
             if reason is None and provider.compiled and not _compiles(cfg, pass_name, batch):
                 reason = QUICK_CPU_COMPILE_NOTE if quick and device.type == "cpu" else "skipped: not compiled here"
-            if reason is None and pname == "mambapy" and pass_name == INFERENCE and not cfg.get("mambapy_inference", True):
-                reason = "skipped: --quick on CPU (mambapy is the training baseline here; --full times it too)"
+            if reason is None and pname == "mambapy" and pass_name == INFERENCE and not _mambapy_infers(cfg, batch):
+                reason = "skipped: --quick on CPU times mambapy's inference at the goal batch only (--full: every batch)"
             if (reason is None and provider.precision != FLOAT32 and not cfg.get("precisions", True)):
                 reason = "skipped: mixed-precision rows are off in this configuration"
             if reason is None and provider.backend == "ref" and provider.scan is None and pass_name == TRAIN:

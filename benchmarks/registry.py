@@ -37,6 +37,9 @@ OPS = (
     Bench("hff_attention", "benchmarks.hff:bench_hff",
           "HiFuse-T's four HFF scales, batch 8 (CPU) / 64 (GPU); hff_attention_tail and the whole hff_block",
           "eager, ref, each backend, compile (CUDA)", "benchmarks.hff:hff_cases"),
+    Bench("conv3x3", "benchmarks.conv3x3:bench_conv3x3",
+          "HiFuse-T's four IRMLP 3x3 convolutions (288-2304 channels), batch 8 (CPU) / 64 (GPU), float32",
+          "ref (F.conv2d, NCHW), channels_last (F.conv2d), each backend", "benchmarks.conv3x3:conv3x3_cases"),
 )
 
 NETWORKS = (

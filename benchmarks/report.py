@@ -21,14 +21,22 @@ ERR_PREFIX = "max_abs_err_vs_"
 
 
 def cpu_name():
+    """/proc/cpuinfo's model name; where a VM hides the model number ("AMD EPYC"), with the family and model, which
+    tell CPU generations apart (AMD family 25 model 17 is Zen 4, family 26 Zen 5)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if not re.search(r"\d", name) and fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def device_info(device):

@@ -19,6 +19,7 @@ it to float32 tolerances against float64). Where the algorithm does not pay (oth
 ``MIN_PIXELS`` pixels, filters with more than ``MAX_FILTER_ELEMENTS`` input x output channels, whose
 transformed copy would be too large) the backend runs oneDNN's direct convolution on channels-last maps.
 """
+import os
 import threading
 
 import torch
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from .. import _ext
 from .linear_onednn import HAS_ONEDNN, onednn_rows
 
+# MEDKERNELS_WINOGRAD=0 (read at import) turns Winograd off: every case then runs the direct convolution, for users
+# who want the direct convolution's rounding (a tenth of Winograd's) at twice the time.
+ENABLED = os.environ.get("MEDKERNELS_WINOGRAD", "1").strip() != "0"
 # The transformed tiles and filters live in one workspace of at most this size per thread, kept between calls.
 WORKSPACE_BYTES = 64 << 20
 # Winograd only from this many output pixels a map (a 4x4 tile on a smaller map is mostly padding) ...
@@ -55,7 +59,7 @@ def release_workspace():
 
 def uses_winograd(x, weight):
     """Whether the cpu backend computes conv3x3(x, weight) with Winograd (else the direct convolution)."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.numel() > 0
+    return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.numel() > 0
             and x.shape[2] * x.shape[3] >= MIN_PIXELS and weight.shape[0] * weight.shape[1] <= MAX_FILTER_ELEMENTS)
 
 

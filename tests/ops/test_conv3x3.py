@@ -135,6 +135,9 @@ def test_cpu_backend_takes_winograd_for_float32(monkeypatch):
     assert not winograd.uses_winograd(x, weight)  # float64: direct
     wide = torch.empty(int(winograd.MAX_FILTER_ELEMENTS ** 0.5) + 1, int(winograd.MAX_FILTER_ELEMENTS ** 0.5) + 1, 3, 3)
     assert not winograd.uses_winograd(torch.empty(1, wide.shape[1], 8, 8), wide)
+    monkeypatch.setattr(winograd, "ENABLED", False)  # what MEDKERNELS_WINOGRAD=0 sets
+    x, weight, _ = make_inputs(CASES[2].values[0])
+    assert not winograd.uses_winograd(x.float(), weight.float())
 
 
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
@@ -203,3 +206,31 @@ def test_bad_arguments_are_named(cpu_backend, make, error, pattern):
     x, w = make()
     with medkernels.use_backend(cpu_backend), pytest.raises(error, match=pattern):
         conv3x3(x, w)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_input_spreads_at_most_over_its_winograd_tiles(value):
+    """A non-finite input pixel makes every output the reference makes non-finite non-finite too; on the Winograd
+    path it may also reach the rest of each 4x4 output tile whose 6x6 input tile holds the pixel (in every output
+    channel), but nothing beyond those tiles, and every other output stays finite and correct."""
+    _require("cpu")
+    x, weight, _ = make_inputs((1, 8, 6, 12, 12))
+    x, weight = x.float(), weight.float()
+    row, col = 5, 8
+    x[0, 3, row, col] = value
+    with medkernels.use_backend("cpu"):
+        got = conv3x3(x, weight)
+    want = F.conv2d(x.double(), weight.double(), None, 1, 1)
+    assert winograd.uses_winograd(x, weight)
+    bad_want, bad_got = ~torch.isfinite(want), ~torch.isfinite(got)
+    assert bool((bad_got | ~bad_want).all()), "an output the reference makes non-finite is finite"
+    # the tiles whose input tile (outputs [4i - 1, 4i + 5) of rows, likewise columns) holds the pixel
+    tiles = torch.zeros(12, 12, dtype=torch.bool)
+    for i in range(3):
+        for j in range(3):
+            if 4 * i - 1 <= row < 4 * i + 5 and 4 * j - 1 <= col < 4 * j + 5:
+                tiles[4 * i:4 * i + 4, 4 * j:4 * j + 4] = True
+    assert not bool((bad_got[0].any(0) & ~tiles).any()), "non-finite outputs outside the pixel's tiles"
+    assert bool(bad_got[0].any(0)[tiles].any()) and bool((bad_got[0].any(0) & ~bad_want[0].any(0)).any()), \
+        "the tiles are not the Winograd path's (no spread beyond the reference's)"
+    assert_close_scaled(got[..., ~tiles], want[..., ~tiles], FLOAT32[1], "finite outputs")

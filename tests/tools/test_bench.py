@@ -330,3 +330,18 @@ def test_providers_are_timed_round_by_round():
     stats = time_interleaved(time_call, torch.device("cpu"), calls, warmup=1, repeats=3)
     assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-up calls, then alternating rounds
     assert stats["a"]["repeats"] == 3 and stats["a"]["median_s"] == 1.0 and stats["b"]["median_s"] == 3.0
+
+
+@pytest.mark.parametrize("lines, name", [
+    (["model name\t: AMD EPYC", "cpu family\t: 25", "model\t\t: 17"], "AMD EPYC (family 25, model 17)"),
+    (["model name\t: AMD EPYC 9B14 96-Core Processor", "cpu family\t: 25", "model\t\t: 17"],
+     "AMD EPYC 9B14 96-Core Processor"),
+], ids=["masked-model-gets-family", "named-model-kept"])
+def test_cpu_name_tells_masked_cpu_generations_apart(monkeypatch, tmp_path, lines, name):
+    """A VM that hides the model number still gets a name (and results file) per CPU generation."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\n" + "\n".join(lines) + "\n\nprocessor\t: 1\n" + "\n".join(lines) + "\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert report.cpu_name() == name
