@@ -203,30 +203,33 @@ def profile_network(name, pass_name, batch, size=224, device="cpu", repeats=3, b
             "outside_modules_ms": round(outside_ms, 1), "modules": rows, "parts": parts, "aten_ops": ops}
 
 
+def _table_rows(rows, total, names):
+    """Markdown rows (the cells `names(row)`, then calls, forward, backward, share) of the rows of 0.5% or more."""
+    out = []
+    for r in rows:
+        share = (r["forward_ms"] + r["backward_ms"]) / total
+        if share >= 0.005:
+            cells = names(r) + [r["calls"], r["forward_ms"], r["backward_ms"], f"{share:.1%}"]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return out
+
+
 def markdown(run):
     lines = [f"# Where the time goes, by module ({run['device']['name']}, {run['date']}, commit {run['commit']})", "",
-             "Self time of each module class (the time while it was the innermost running module), ms a step; "
-             "produced by `python -m benchmarks --profile`.", ""]
+             "Self time of each module (forward: while it was the innermost running module; backward: the autograd "
+             "nodes its forward created), ms a step; produced by `python -m benchmarks --profile`.", ""]
     for p in run["profiles"]:
         total = sum(r["forward_ms"] + r["backward_ms"] for r in p["modules"]) or 1.0
         lines += [f"## {p['network']}, {p['pass']}, batch {p['batch']}, {p['size']}x{p['size']}, backend {p['backend']}",
                   "", f"Step: {p['step_ms']} ms unhooked, {p['hooked_step_ms']} ms with the hooks, of which "
-                  f"{p['outside_modules_ms']} ms outside every module (the loss, the optimizer step, autograd's own "
-                  "work before the first module's backward).", "",
+                  f"{p['outside_modules_ms']} ms outside every module (the loss, the optimizer step, the autograd "
+                  "engine between nodes).", "",
                   "By part of the network (stage and block indices collapsed to `*`; parts under 0.5% left out):", "",
                   "| part | module | calls | forward ms | backward ms | share |", "|---|---|---:|---:|---:|---:|"]
-        for r in p.get("parts", []):
-            share = (r["forward_ms"] + r["backward_ms"]) / total
-            if share >= 0.005:
-                lines.append(f"| `{r['part']}` | {r['module']} | {r['calls']} | {r['forward_ms']} | "
-                             f"{r['backward_ms']} | {share:.1%} |")
+        lines += _table_rows(p.get("parts", []), total, lambda r: [f"`{r['part']}`", r["module"]])
         lines += ["", "By module class:", "", "| module | calls | forward ms | backward ms | share |",
                   "|---|---:|---:|---:|---:|"]
-        for r in p["modules"]:
-            share = (r["forward_ms"] + r["backward_ms"]) / total
-            if share >= 0.005:
-                lines.append(f"| {r['module']} | {r['calls']} | {r['forward_ms']} | {r['backward_ms']} | "
-                             f"{share:.1%} |")
+        lines += _table_rows(p["modules"], total, lambda r: [r["module"]])
         lines += ["", "Top ATen operators of one hooked step (self CPU time):", "", "| op | calls | self ms |",
                   "|---|---:|---:|"]
         lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']} |" for o in p["aten_ops"]]

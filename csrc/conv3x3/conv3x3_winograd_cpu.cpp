@@ -325,8 +325,6 @@ void check_range(int64_t lo, int64_t hi, int64_t size, const char* op, const cha
                  size, ")");
 }
 
-}  // namespace
-
 void check_out(const at::Tensor& out, int64_t rows, int64_t cols, const char* op) {
   check_float_cpu(out, op, "out");
   MK_CHECK_VALUE(out.is_contiguous() && out.dim() == 3 && out.size(0) == 36 && out.size(1) == rows &&
@@ -334,18 +332,31 @@ void check_out(const at::Tensor& out, int64_t rows, int64_t cols, const char* op
                  op, ": out must be a contiguous (36, ", rows, ", ", cols, ") tensor, got shape ", out.sizes());
 }
 
-void winograd_input_transform_cpu(const at::Tensor& x, int64_t t0, int64_t t1, const at::Tensor& v) {
-  check_map(x, "winograd_input_transform_cpu", "x");
-  const TileGeometry g = geometry(x.size(0), x.size(1), x.size(2));
-  check_range(t0, t1, g.tiles(), "winograd_input_transform_cpu", "tile");
-  const int64_t channels = x.size(3), n = t1 - t0;
-  check_out(v, n, channels, "winograd_input_transform_cpu");
+using TileTransform = void (*)(const TileJob&, Map<const float>, Tiles<float>, int64_t, int64_t);
+
+// The tiles [t0, t1) of a channels-last map (x, or the output gradient) transformed by `transform` into out.
+void transform_tiles(const at::Tensor& map, int64_t t0, int64_t t1, const at::Tensor& out, const char* op,
+                     const char* name, TileTransform transform) {
+  check_map(map, op, name);
+  const TileGeometry g = geometry(map.size(0), map.size(1), map.size(2));
+  check_range(t0, t1, g.tiles(), op, "tile");
+  const int64_t channels = map.size(3), n = t1 - t0;
+  check_out(out, n, channels, op);
   const TileJob job{g, t0, channels};
-  const Map<const float> xm{x.const_data_ptr<float>(), channels};
-  const Tiles<float> vt{v.mutable_data_ptr<float>(), n * channels, channels};
-  at::parallel_for(0, n, tile_grain(channels), [&](int64_t begin, int64_t end) {
-    input_tiles_dispatch(job, xm, vt, begin, end);
-  });
+  const Map<const float> src{map.const_data_ptr<float>(), channels};
+  const Tiles<float> dst{out.mutable_data_ptr<float>(), n * channels, channels};
+  at::parallel_for(0, n, tile_grain(channels),
+                   [&](int64_t begin, int64_t end) { transform(job, src, dst, begin, end); });
+}
+
+}  // namespace
+
+void winograd_input_transform_cpu(const at::Tensor& x, int64_t t0, int64_t t1, const at::Tensor& v) {
+  transform_tiles(x, t0, t1, v, "winograd_input_transform_cpu", "x", input_tiles_dispatch);
+}
+
+void winograd_grad_output_transform_cpu(const at::Tensor& dy, int64_t t0, int64_t t1, const at::Tensor& z) {
+  transform_tiles(dy, t0, t1, z, "winograd_grad_output_transform_cpu", "dy", grad_output_tiles_dispatch);
 }
 
 void winograd_output_transform_cpu(const std::vector<at::Tensor>& m, const at::Tensor& y, int64_t t0, int64_t c0) {
@@ -369,20 +380,6 @@ void winograd_output_transform_cpu(const std::vector<at::Tensor>& m, const at::T
   const Map<float> ym{y.mutable_data_ptr<float>() + c0, y.size(3)};
   at::parallel_for(0, n, tile_grain(channels), [&](int64_t begin, int64_t end) {
     output_tiles_dispatch(job, mp.data(), channels, ym, begin, end);
-  });
-}
-
-void winograd_grad_output_transform_cpu(const at::Tensor& dy, int64_t t0, int64_t t1, const at::Tensor& z) {
-  check_map(dy, "winograd_grad_output_transform_cpu", "dy");
-  const TileGeometry g = geometry(dy.size(0), dy.size(1), dy.size(2));
-  check_range(t0, t1, g.tiles(), "winograd_grad_output_transform_cpu", "tile");
-  const int64_t channels = dy.size(3), n = t1 - t0;
-  check_out(z, n, channels, "winograd_grad_output_transform_cpu");
-  const TileJob job{g, t0, channels};
-  const Map<const float> dm{dy.const_data_ptr<float>(), channels};
-  const Tiles<float> zt{z.mutable_data_ptr<float>(), n * channels, channels};
-  at::parallel_for(0, n, tile_grain(channels), [&](int64_t begin, int64_t end) {
-    grad_output_tiles_dispatch(job, dm, zt, begin, end);
   });
 }
 

@@ -40,8 +40,8 @@ CONV3X3.register("cpu", _cpu_impl)
 
 
 def _layout(backend):
-    """The memory format of the custom ops' maps (the output, the input gradient): the cpu backend writes them
-    channels-last; the reference's are made contiguous (F.conv2d's own layout follows its input's)."""
+    """The memory format of the custom ops' maps (the output, the input gradient): channels-last on the cpu
+    backend (Winograd's layout), contiguous on the reference (F.conv2d's own layout follows its input's)."""
     return torch.channels_last if backend == "cpu" else torch.contiguous_format
 
 
@@ -108,7 +108,7 @@ def conv3x3(x, weight):
     """``F.conv2d(x, weight, None, stride=1, padding=1)`` for a 3x3 filter: HiFuse's IRMLP convolution.
 
     x: ``(batch, in, H, W)`` in any strides; weight: ``(out, in, 3, 3)``. Returns ``(batch, out, H, W)``:
-    channels-last memory on the ``cpu`` backend, ``F.conv2d``'s layout on the reference. Differentiable in x and
+    channels-last memory where the ``cpu`` backend runs Winograd, ``F.conv2d``'s layout elsewhere. Differentiable in x and
     weight.
 
     dtypes: float32, float64, bfloat16, float16 (where the device has them), one for x and weight. The ``cpu``
